@@ -1,0 +1,82 @@
+"""Bundled photos (no downloads), the x4 degradation, and image metrics."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Photos shipped inside scikit-image, scikit-learn and matplotlib. The held-out ones are never
+# used for training, only for evaluation and calibration-free quality checks.
+TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+                "china", "camera", "coins", "brick", "grass", "gravel", "moon")
+HELD_OUT_PHOTOS = ("chelsea", "flower", "grace_hopper")
+
+
+def load_photo(name: str) -> np.ndarray:
+    """An RGB uint8 photo [H, W, 3] by name; grayscale photos are replicated to three channels."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        image = load_sample_image(f"{name}.jpg")
+    elif name == "grace_hopper":
+        import matplotlib.cbook
+        from PIL import Image
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            image = np.asarray(Image.open(f).convert("RGB"))
+    else:
+        import skimage.data
+
+        if not hasattr(skimage.data, name):
+            raise ValueError(f"unknown bundled photo {name!r}")
+        image = getattr(skimage.data, name)()
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """float [1, 3, H, W] in [0, 1] -> uint8 [H, W, 3] (rounded, clipped)."""
+    return (image[0].clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).numpy()
+
+
+def resize_bicubic(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic resize with antialiasing when shrinking, as the x4 degradation and the LR upsampling use."""
+    antialias = height < image.shape[-2] or width < image.shape[-1]
+    return F.interpolate(image, size=(height, width), mode="bicubic", align_corners=False,
+                         antialias=antialias).clamp(0, 1)
+
+
+def degrade_x4(hr: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """HR [B, 3, H, W] -> LR [B, 3, H/scale, W/scale] (antialiased bicubic)."""
+    h, w = hr.shape[-2:]
+    if h % scale or w % scale:
+        raise ValueError(f"HR size {h}x{w} is not a multiple of the scale {scale}")
+    return resize_bicubic(hr, h // scale, w // scale)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"image {h}x{w} is smaller than the crop {size}")
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[top:top + size, left:left + size]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB between two uint8 images of the same shape."""
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(a, b, channel_axis=2, data_range=255))

@@ -1,0 +1,205 @@
+"""Full-precision DiT4SR super-resolution: flow-matching Euler sampling, CFG, tiled denoising.
+
+Every transformer call runs inside `step_scope(i)` (see step_context), and `step_callbacks` are called
+with (step_index, timestep) before each step, so calibration and quantized layers know the timestep.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from safetensors.torch import load_file
+
+from .images import resize_bicubic, to_tensor, to_uint8
+from .latents import load_codec
+from .loading import load_transformer
+from .step_context import step_scope
+from .tiling import gaussian_weights, tile_windows
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    num_inference_steps: int = 40
+    shift: float = 3.0
+    guidance_scale: float = 8.0
+    tile_size: int = 64          # latent pixels per tile side
+    tile_overlap: int = 24       # latent pixels shared by neighbouring tiles
+    tile_batch: int = 16         # tiles per transformer call
+    min_lr_side: int = 128       # LR images are first enlarged so their short side reaches this
+    color_fix: str = "adain"     # "adain" or "none"
+
+    def __post_init__(self):
+        if self.num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be >= 1")
+        if self.color_fix not in ("adain", "none"):
+            raise ValueError(f"color_fix must be 'adain' or 'none', got {self.color_fix!r}")
+        if not 0 <= self.tile_overlap < self.tile_size:
+            raise ValueError("need 0 <= tile_overlap < tile_size")
+
+    @classmethod
+    def from_json(cls, path: Path, **overrides) -> "PipelineConfig":
+        raw = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in raw.items() if k in known}, **overrides})
+
+
+@dataclass
+class PromptEmbeddings:
+    """Precomputed text conditioning (the text encoders are not part of this tool)."""
+
+    prompt_embeds: torch.Tensor                 # [1, S, joint_attention_dim]
+    pooled_prompt_embeds: torch.Tensor          # [1, pooled_projection_dim]
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+
+    @classmethod
+    def null(cls, joint_dim: int, pooled_dim: int, tokens: int = 4) -> "PromptEmbeddings":
+        return cls(torch.zeros(1, tokens, joint_dim), torch.zeros(1, pooled_dim))
+
+    @classmethod
+    def from_file(cls, path: Path) -> "PromptEmbeddings":
+        t = load_file(str(path))
+        return cls(t["prompt_embeds"], t["pooled_prompt_embeds"], t.get("negative_prompt_embeds"),
+                   t.get("negative_pooled_prompt_embeds"))
+
+
+class DiT4SRPipeline:
+    def __init__(self, transformer, codec, config: PipelineConfig, prompt: PromptEmbeddings | None = None):
+        self.transformer = transformer.eval()
+        self.codec = codec
+        self.config = config
+        tc = transformer.config
+        self.prompt = prompt or PromptEmbeddings.null(tc.joint_attention_dim, tc.pooled_projection_dim)
+        self.step_callbacks: list[Callable[[int, float], None]] = []
+
+    @classmethod
+    def from_folder(cls, path: str | Path, **config_overrides) -> "DiT4SRPipeline":
+        folder = Path(path)
+        transformer = load_transformer(folder, "transformer")
+        codec = load_codec(folder)
+        cfg_file = folder / "pipeline.json"
+        config = PipelineConfig.from_json(cfg_file, **config_overrides) if cfg_file.is_file() \
+            else PipelineConfig(**config_overrides)
+        prompt_file = folder / "prompt_embeds.safetensors"
+        prompt = PromptEmbeddings.from_file(prompt_file) if prompt_file.is_file() else None
+        return cls(transformer, codec, config, prompt)
+
+    # -- sampling -----------------------------------------------------------------------------------
+    def make_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.config.shift)
+        scheduler.set_timesteps(self.config.num_inference_steps)
+        return scheduler
+
+    def sampler_timesteps(self) -> list[float]:
+        return [float(t) for t in self.make_scheduler().timesteps]
+
+    def _use_cfg(self) -> bool:
+        return self.config.guidance_scale > 1.0 and self.prompt.negative_prompt_embeds is not None
+
+    def _velocity(self, x: torch.Tensor, lr: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One batched transformer call on tiles x, lr [B, C, h, w], with CFG when configured."""
+        b = x.shape[0]
+        p = self.prompt
+        if self._use_cfg():
+            text = torch.cat([p.negative_prompt_embeds.expand(b, -1, -1), p.prompt_embeds.expand(b, -1, -1)])
+            pooled = torch.cat([p.negative_pooled_prompt_embeds.expand(b, -1), p.pooled_prompt_embeds.expand(b, -1)])
+            v = self.transformer(torch.cat([x, x]), torch.cat([lr, lr]), text, pooled, t.expand(2 * b))
+            v_uncond, v_cond = v.chunk(2)
+            return v_uncond + self.config.guidance_scale * (v_cond - v_uncond)
+        return self.transformer(x, lr, p.prompt_embeds.expand(b, -1, -1), p.pooled_prompt_embeds.expand(b, -1),
+                                t.expand(b))
+
+    def predict_velocity(self, x: torch.Tensor, lr: torch.Tensor, t: torch.Tensor, tiled: bool = True) -> torch.Tensor:
+        """Velocity for a full latent [1, C, H, W]: blended over overlapping tiles when it exceeds one tile."""
+        h, w = x.shape[-2:]
+        cfg = self.config
+        if not tiled or (h <= cfg.tile_size and w <= cfg.tile_size):
+            return self._velocity(x, lr, t)
+        windows = tile_windows(h, w, cfg.tile_size, cfg.tile_overlap)
+        out = torch.zeros_like(x)
+        norm = torch.zeros(1, 1, h, w, dtype=x.dtype)
+        for start in range(0, len(windows), cfg.tile_batch):
+            chunk = windows[start:start + cfg.tile_batch]
+            xs = torch.cat([x[..., r, c] for r, c in chunk])
+            ls = torch.cat([lr[..., r, c] for r, c in chunk])
+            vs = self._velocity(xs, ls, t)
+            for (r, c), v in zip(chunk, vs):
+                weight = gaussian_weights(v.shape[-2], v.shape[-1]).to(x.dtype)
+                out[..., r, c] += v * weight
+                norm[..., r, c] += weight
+        return out / norm
+
+    @torch.no_grad()
+    def denoise(self, lr_latent: torch.Tensor, generator: torch.Generator | None = None,
+                tiled: bool = True) -> torch.Tensor:
+        scheduler = self.make_scheduler()
+        x = torch.randn(lr_latent.shape, generator=generator, dtype=lr_latent.dtype)
+        for i, t in enumerate(scheduler.timesteps):
+            for callback in self.step_callbacks:
+                callback(i, float(t))
+            with step_scope(i):
+                v = self.predict_velocity(x, lr_latent, t.reshape(1).to(x.dtype), tiled=tiled)
+            x = scheduler.step(v, t, x).prev_sample
+        return x
+
+    # -- images -------------------------------------------------------------------------------------
+    def _alignment(self) -> int:
+        return self.codec.downsample * self.transformer.config.patch_size
+
+    def upscale(self, image, scale: int = 4, seed: int = 0) -> np.ndarray:
+        """RGB uint8 [H, W, 3] (or a PIL image) -> the x`scale` super-resolved uint8 image."""
+        lr = _as_rgb_uint8(image)
+        h, w = lr.shape[:2]
+        if min(h, w) < 8:
+            raise ValueError(f"image {w}x{h} is too small; both sides must be at least 8 pixels")
+        lr_t = to_tensor(lr)
+        # Small inputs are enlarged first so the model sees at least its working resolution.
+        enlarge = max(1.0, self.config.min_lr_side / min(h, w))
+        out_h, out_w = round(h * enlarge) * scale, round(w * enlarge) * scale
+        cond = resize_bicubic(lr_t, out_h, out_w)
+        a = self._alignment()
+        pad_h, pad_w = (-out_h) % a, (-out_w) % a
+        padded = torch.nn.functional.pad(cond, (0, pad_w, 0, pad_h), mode="replicate")
+        lr_latent = self.codec.encode(padded)
+        generator = torch.Generator().manual_seed(seed)
+        latent = self.denoise(lr_latent, generator)
+        sr = self.codec.decode(latent)[..., :out_h, :out_w]
+        if self.config.color_fix == "adain":
+            sr = adain_color_fix(sr, cond)
+        if enlarge > 1.0:
+            sr = resize_bicubic(sr, h * scale, w * scale)
+        return to_uint8(sr)
+
+
+def adain_color_fix(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Match each channel's mean and std to the reference (removes colour drift of the sampler)."""
+    mu_i, sd_i = image.mean((-2, -1), keepdim=True), image.std((-2, -1), keepdim=True)
+    mu_r, sd_r = reference.mean((-2, -1), keepdim=True), reference.std((-2, -1), keepdim=True)
+    return ((image - mu_i) / (sd_i + eps) * sd_r + mu_r).clamp(0, 1)
+
+
+def _as_rgb_uint8(image) -> np.ndarray:
+    if hasattr(image, "convert"):
+        if image.mode not in ("RGB", "RGBA", "L"):
+            raise ValueError(f"unsupported image mode {image.mode!r}; use RGB, RGBA or L")
+        image = np.asarray(image.convert("RGB"))
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {image.dtype}")
+    return np.ascontiguousarray(image[..., :3])
+
+
+def load_default_pipeline(**config_overrides) -> DiT4SRPipeline:
+    """The embedded tiny DiT4SR shipped with the package (no downloads)."""
+    return DiT4SRPipeline.from_folder(DEFAULT_MODEL_DIR, **config_overrides)
