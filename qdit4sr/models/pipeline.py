@@ -129,7 +129,7 @@ class DiT4SRPipeline:
             chunk = windows[start:start + cfg.tile_batch]
             xs = torch.cat([x[..., r, c] for r, c in chunk])
             ls = torch.cat([lr[..., r, c] for r, c in chunk])
-            vs = self._velocity(xs, ls, t)
+            vs = self._velocity(xs, ls, t).unflatten(0, (len(chunk), x.shape[0]))
             for (r, c), v in zip(chunk, vs):
                 weight = gaussian_weights(v.shape[-2], v.shape[-1]).to(x.dtype)
                 out[..., r, c] += v * weight

@@ -30,13 +30,13 @@ from .transformer import DiT4SRTransformer2DModel
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1500
-    batch_size: int = 32
+    steps: int = 8000
+    batch_size: int = 8
     hr_crop: int = 32
-    lr: float = 6e-4
-    warmup: int = 50
+    lr: float = 1e-3
+    warmup: int = 100
     weight_decay: float = 0.01
-    ema_decay: float = 0.995
+    ema_decay: float = 0.998
     seed: int = 0
     text_tokens: int = 4
     threads: int = 1  # results depend on the thread count; one thread keeps runs bit-reproducible

@@ -1,0 +1,137 @@
+"""`quantize_(model, config, stats)`: plan and apply Q-DiT4SR to a DiT4SR transformer, in place.
+
+Layer by layer so the full-size model fits in memory: each weight is rotated and split into its
+full-precision branches, the residue overwrites the original weight, VaSMP picks the weight bits
+from the residues' variances, then each residue is quantized and its nn.Linear replaced.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .hadamard import rotate_weight
+from .hsvd import HSVDConfig, decompose_weight
+from .layers import quantizable_linears
+from .plan import BitPlan, LayerPlan, QDiT4SRConfig
+from .qlinear import NO_ACT_QUANT, QuantLinear
+from .quantizer import WeightQuantConfig, activation_scale, gaussian_kappa, qmax, quantize_weight
+from .stats import ActivationStats
+from .vasmp import allocate_bits, layer_weight_variance
+from .vatmp import schedule_shared
+
+
+@dataclass
+class _Branches:
+    up: torch.Tensor | None
+    down: torch.Tensor | None
+    sigma: torch.Tensor | None
+    u: torch.Tensor | None
+    v: torch.Tensor | None
+    block_shape: tuple[int, int] | None
+
+
+def _hsvd_config(config: QDiT4SRConfig) -> HSVDConfig:
+    return HSVDConfig(method=config.decomposition, rank=config.rank if config.decomposition != "rtn" else 0,
+                      seed=config.seed)
+
+
+def split_weight(weight: torch.Tensor, config: QDiT4SRConfig) -> tuple[torch.Tensor, _Branches]:
+    """Rotate and remove the full-precision branches; returns (residue [out, in], branches)."""
+    w_h = rotate_weight(weight.detach().float()) if config.hadamard else weight.detach().float()
+    if config.decomposition == "rtn":
+        return w_h, _Branches(None, None, None, None, None, None)
+    # The branches do not depend on the residue's bit width; 8 bits here only satisfies the signature.
+    dec = decompose_weight(w_h, _hsvd_config(config), WeightQuantConfig(bits=8, group_size=config.group_size))
+    residue = w_h - dec.branch_weight()
+    return residue, _Branches(dec.up, dec.down, dec.sigma, dec.u, dec.v, dec.block_shape)
+
+
+def _weight_bits(variances: np.ndarray, sizes: np.ndarray, config: QDiT4SRConfig) -> tuple[np.ndarray, dict]:
+    lo, hi = config.weight_bit_range
+    if not config.mixed_weight_bits:
+        return np.full(len(variances), int(config.weight_bits)), {}
+    result = allocate_bits(variances, sizes, config.weight_bits, lo, hi)
+    return result.bits.astype(int), {"vasmp_achieved_bits": result.achieved, "vasmp_distortion": result.distortion,
+                                     "vasmp_uniform_distortion": result.uniform_distortion,
+                                     "vasmp_exact": bool(result.exact)}
+
+
+def _act_schedule(v: np.ndarray, config: QDiT4SRConfig) -> tuple[list[tuple[int, int]], np.ndarray, dict]:
+    """Segments and [L, K] activation bits from per-step second moments v [L, T]."""
+    steps = v.shape[1]
+    if config.act_bits == NO_ACT_QUANT:
+        return [(0, steps)], np.full((v.shape[0], 1), NO_ACT_QUANT), {}
+    if not config.use_temporal:
+        return [(0, steps)], np.full((v.shape[0], 1), int(config.act_bits)), {}
+    kappa = {b: gaussian_kappa(b) for b in config.act_bit_choices}
+    sched = schedule_shared(v, kappa, config.act_bits, config.num_segments, config.act_bit_choices)
+    b = sched.boundaries
+    return [(b[i], b[i + 1]) for i in range(len(b) - 1)], sched.bits.astype(int), {
+        "vatmp_cost": sched.cost, "vatmp_exact": bool(sched.exact)}
+
+
+def _static_scale(v_seg: np.ndarray, amax_seg: np.ndarray, bits: int) -> float:
+    """Gaussian-optimal clip from the segment's mean second moment, never beyond the observed range."""
+    if bits == NO_ACT_QUANT:
+        return 1.0
+    scale = activation_scale(float(v_seg.mean()), bits)
+    return float(min(scale, max(float(amax_seg.max()) / qmax(bits), np.finfo(np.float32).tiny)))
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, progress: bool = True) -> BitPlan:
+    """Replace the calibrated linears of `model` by QuantLinear; returns the BitPlan that was applied."""
+    linears = quantizable_linears(model)
+    missing = [n for n in stats.layers if n not in linears]
+    if missing:
+        raise ValueError(f"activation statistics name layers the model lacks, e.g. {missing[:3]}")
+    names = list(stats.layers)
+
+    branches: dict[str, _Branches] = {}
+    variances = np.zeros(len(names))
+    for i, name in enumerate(tqdm(names, desc=f"decompose ({config.decomposition})", disable=not progress)):
+        layer = linears[name]
+        residue, branches[name] = split_weight(layer.weight, config)
+        layer.weight.data = residue  # same size as the original: memory stays flat
+        variances[i] = max(layer_weight_variance(residue), 1e-30)
+    sizes = np.array([linears[n].weight.numel() for n in names], dtype=np.int64)
+    w_bits, w_info = _weight_bits(variances, sizes, config)
+
+    segments, a_bits, a_info = _act_schedule(stats.second_moment, config)
+    segment_of_step = [k for k, (s, e) in enumerate(segments) for _ in range(s, e)]
+
+    layer_plans = []
+    for i, name in enumerate(tqdm(names, desc="quantize residues", disable=not progress)):
+        layer, br = linears[name], branches.pop(name)
+        residual = quantize_weight(layer.weight.data, WeightQuantConfig(
+            bits=int(w_bits[i]), group_size=config.group_size, scale_search=config.scale_search))
+        scales = [_static_scale(stats.second_moment[i, s:e], stats.amax[i, s:e], int(a_bits[i, k]))
+                  for k, (s, e) in enumerate(segments)]
+        qlayer = QuantLinear(residual, layer.bias, hadamard=config.hadamard, act_bits=list(a_bits[i]),
+                             act_scales=scales, segment_of_step=segment_of_step, up=br.up, down=br.down,
+                             block_sigma=br.sigma, block_u=br.u, block_v=br.v)
+        _set_module(model, name, qlayer)
+        layer_plans.append(LayerPlan(name=name, in_features=qlayer.in_features, out_features=qlayer.out_features,
+                                     weight_bits=int(w_bits[i]), weight_variance=float(variances[i]),
+                                     act_bits=[int(b) for b in a_bits[i]], act_scales=scales,
+                                     rank=0 if br.up is None else int(br.up.shape[1]),
+                                     block_shape=None if br.block_shape is None else list(br.block_shape)))
+    plan = BitPlan(config=config, timesteps=list(stats.timesteps), segments=segments, layers=layer_plans,
+                   stats={**w_info, **a_info})
+    plan.stats["mean_weight_bits"] = plan.mean_weight_bits()
+    plan.stats["mean_act_bits"] = plan.mean_act_bits()
+    plan.validate()
+    return plan
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}

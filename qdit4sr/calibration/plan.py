@@ -1,0 +1,205 @@
+"""The quantization config and the BitPlan artifact: a (layer x timestep) grid of weight and activation bits.
+
+The plan also carries the segments (timestep ranges sharing one engine), the static activation
+scales per (layer, segment) and every hyper-parameter, as versioned JSON validated on load.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from ..models.loading import atomic_write
+
+PLAN_VERSION = 1
+_PRECISION = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+(?:\.\d+)?)$")
+DECOMPOSITIONS = ("rtn", "svd", "hsvd")
+
+
+@dataclass(frozen=True)
+class QDiT4SRConfig:
+    """What to quantize and how (torchao-style config). Presets mirror the paper's ablation rows."""
+
+    weight_bits: float = 4.0          # VaSMP: weighted-mean budget; otherwise the uniform width
+    act_bits: float = 4.0             # VaTMP: per-layer mean over steps; otherwise uniform; 16 = FP activations
+    group_size: int | None = 64
+    decomposition: str = "hsvd"       # "rtn" (no branch), "svd" (global low rank), "hsvd" (global + block rank-1)
+    rank: int = 32
+    mixed_weight_bits: bool = True    # VaSMP
+    temporal_act_bits: bool | None = None  # VaTMP; None = on when act_bits <= 4, as in the method
+    num_segments: int = 4
+    hadamard: bool = True
+    weight_bit_range: tuple[int, int] = (2, 8)
+    act_bit_choices: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    scale_search: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.decomposition not in DECOMPOSITIONS:
+            raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {self.decomposition!r}")
+        lo, hi = self.weight_bit_range
+        if not 2 <= lo <= self.weight_bits <= hi <= 8:
+            raise ValueError(f"weight bits {self.weight_bits} must lie in {self.weight_bit_range} within 2..8")
+        if self.act_bits != 16 and not min(self.act_bit_choices) <= self.act_bits <= max(self.act_bit_choices):
+            raise ValueError(f"activation bits {self.act_bits} must lie in {self.act_bit_choices} or be 16")
+        if not self.mixed_weight_bits and self.weight_bits != int(self.weight_bits):
+            raise ValueError("uniform weight bits must be an integer")
+        if not self.use_temporal and self.act_bits != int(self.act_bits):
+            raise ValueError("uniform activation bits must be an integer")
+        if self.num_segments < 1 or self.rank < 0:
+            raise ValueError("num_segments must be >= 1 and rank >= 0")
+
+    @property
+    def use_temporal(self) -> bool:
+        if self.act_bits == 16:
+            return False
+        return self.act_bits <= 4 if self.temporal_act_bits is None else self.temporal_act_bits
+
+    @classmethod
+    def from_precision(cls, precision: str, **overrides) -> "QDiT4SRConfig":
+        """'w4a4' -> weight budget 4, activation budget 4 (any of w2..w8, a2..a8 or a16)."""
+        m = _PRECISION.match(precision.strip().lower())
+        if not m:
+            raise ValueError(f"precision {precision!r} is not of the form w<bits>a<bits>, e.g. w4a4, w4a6, w8a8")
+        return cls(weight_bits=float(m.group(1)), act_bits=float(m.group(2)), **overrides)
+
+    @classmethod
+    def preset(cls, name: str, precision: str, **overrides) -> "QDiT4SRConfig":
+        """Ablation presets: rtn, svdquant, hsvd, hsvd_vasmp, qdit4sr (full)."""
+        presets = {
+            "rtn": dict(decomposition="rtn", mixed_weight_bits=False, temporal_act_bits=False),
+            "svdquant": dict(decomposition="svd", mixed_weight_bits=False, temporal_act_bits=False),
+            "hsvd": dict(decomposition="hsvd", mixed_weight_bits=False, temporal_act_bits=False),
+            "hsvd_vasmp": dict(decomposition="hsvd", mixed_weight_bits=True, temporal_act_bits=False),
+            "qdit4sr": dict(decomposition="hsvd", mixed_weight_bits=True, temporal_act_bits=True),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
+        return cls.from_precision(precision, **{**presets[name], **overrides})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["weight_bit_range"] = list(self.weight_bit_range)
+        d["act_bit_choices"] = list(self.act_bit_choices)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QDiT4SRConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        d = dict(d)
+        if "weight_bit_range" in d:
+            d["weight_bit_range"] = tuple(d["weight_bit_range"])
+        if "act_bit_choices" in d:
+            d["act_bit_choices"] = tuple(d["act_bit_choices"])
+        return cls(**d)
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    in_features: int
+    out_features: int
+    weight_bits: int
+    weight_variance: float            # variance of the quantized residue (after rotation and branches)
+    act_bits: list[int]               # one per segment
+    act_scales: list[float]           # static Q/DQ scale per segment
+    rank: int = 0
+    block_shape: list[int] | None = None
+
+
+@dataclass
+class BitPlan:
+    config: QDiT4SRConfig
+    timesteps: list[float]
+    segments: list[tuple[int, int]]   # [start, end) sampler-step ranges, covering 0..T
+    layers: list[LayerPlan]
+    stats: dict = field(default_factory=dict)   # achieved budgets, modelled distortions, solver flags
+    version: int = PLAN_VERSION
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def segment_of_step(self) -> list[int]:
+        out = []
+        for k, (start, end) in enumerate(self.segments):
+            out.extend([k] * (end - start))
+        return out
+
+    def act_bits_grid(self) -> np.ndarray:
+        """[L, T] activation bits of every layer at every sampler step."""
+        seg = self.segment_of_step()
+        return np.array([[layer.act_bits[s] for s in seg] for layer in self.layers], dtype=np.int64)
+
+    def weight_bits(self) -> np.ndarray:
+        return np.array([layer.weight_bits for layer in self.layers], dtype=np.int64)
+
+    def mean_weight_bits(self) -> float:
+        n = np.array([l.in_features * l.out_features for l in self.layers], dtype=np.float64)
+        return float((n * self.weight_bits()).sum() / n.sum())
+
+    def mean_act_bits(self) -> float:
+        return float(self.act_bits_grid().mean())
+
+    def layer(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    # -- serialisation -----------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "config": self.config.to_dict(), "timesteps": self.timesteps,
+                           "segments": [list(s) for s in self.segments], "stats": self.stats,
+                           "layers": [asdict(l) for l in self.layers]}, indent=1)
+
+    def save(self, path: Path) -> None:
+        text = self.to_json()
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+    @classmethod
+    def from_json(cls, text: str) -> "BitPlan":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"bit plan is not valid JSON: {e}") from e
+        if raw.get("version") != PLAN_VERSION:
+            raise ValueError(f"bit plan version {raw.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        try:
+            plan = cls(config=QDiT4SRConfig.from_dict(raw["config"]), timesteps=[float(t) for t in raw["timesteps"]],
+                       segments=[(int(a), int(b)) for a, b in raw["segments"]],
+                       layers=[LayerPlan(**l) for l in raw["layers"]], stats=raw.get("stats", {}))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"bit plan is missing or has malformed fields: {e}") from e
+        plan.validate()
+        return plan
+
+    @classmethod
+    def load(cls, path: Path) -> "BitPlan":
+        return cls.from_json(Path(path).read_text())
+
+    def validate(self) -> None:
+        t = self.num_steps
+        if not self.segments or self.segments[0][0] != 0 or self.segments[-1][1] != t:
+            raise ValueError(f"segments {self.segments} must cover steps 0..{t}")
+        for (a, b), (c, _) in zip(self.segments, self.segments[1:]):
+            if not a < b == c:
+                raise ValueError(f"segments {self.segments} must be contiguous and non-empty")
+        k = len(self.segments)
+        allowed_act = set(self.config.act_bit_choices) | {16}
+        for layer in self.layers:
+            if len(layer.act_bits) != k or len(layer.act_scales) != k:
+                raise ValueError(f"layer {layer.name}: needs {k} activation bits and scales")
+            if not 2 <= layer.weight_bits <= 8:
+                raise ValueError(f"layer {layer.name}: weight bits {layer.weight_bits} outside 2..8")
+            if any(b not in allowed_act for b in layer.act_bits):
+                raise ValueError(f"layer {layer.name}: activation bits {layer.act_bits} not in {sorted(allowed_act)}")
+            if any(not s > 0 for s in layer.act_scales):
+                raise ValueError(f"layer {layer.name}: activation scales must be positive")

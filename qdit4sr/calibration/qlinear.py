@@ -1,0 +1,113 @@
+"""Fake-quant linear layer that computes exactly what the deployed graph computes.
+
+    x_H = x H                                   (Hadamard on activations, reshape + two small matmuls)
+    y   = Q_a(x_H) @ deq(W_res)^T               (residue: integer weights, b-bit static activation Q/DQ)
+        + (x_H @ down^T) @ up^T                 (global low-rank branch, full precision)
+        + block_rank1(x_H; sigma, u, v)         (local block rank-1 branch, full precision)
+        + bias
+
+The activation bits and scale come from the timestep segment of the current sampler step.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.step_context import current_step
+from .hadamard import apply_hadamard
+from .quantizer import QuantizedWeight, fake_quantize_activation
+
+_segment_override: contextvars.ContextVar[int | None] = contextvars.ContextVar("qdit4sr_segment", default=None)
+
+NO_ACT_QUANT = 16  # activation "bits" meaning: keep activations in full precision
+
+
+@contextlib.contextmanager
+def segment_scope(segment: int) -> Iterator[None]:
+    """Force every QuantLinear to use one segment's activation settings (used by export per segment)."""
+    token = _segment_override.set(int(segment))
+    try:
+        yield
+    finally:
+        _segment_override.reset(token)
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, residual: QuantizedWeight, bias: torch.Tensor | None, *, hadamard: bool,
+                 act_bits: list[int], act_scales: list[float], segment_of_step: list[int],
+                 up: torch.Tensor | None = None, down: torch.Tensor | None = None,
+                 block_sigma: torch.Tensor | None = None, block_u: torch.Tensor | None = None,
+                 block_v: torch.Tensor | None = None):
+        super().__init__()
+        if len(act_bits) != len(act_scales):
+            raise ValueError("act_bits and act_scales need one entry per segment")
+        self.out_features, self.in_features = residual.qweight.shape
+        self.weight_bits = residual.bits
+        self.group_size = residual.group_size
+        self.hadamard = hadamard
+        self.register_buffer("qweight", residual.qweight.to(torch.int8))
+        self.register_buffer("weight_scales", residual.scales.float())
+        # Dequantized once: fake-quant forward passes reuse it.
+        self.register_buffer("residual_weight", residual.dequantize(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("up", None if up is None else up.float())
+        self.register_buffer("down", None if down is None else down.float())
+        self.register_buffer("block_sigma", None if block_sigma is None else block_sigma.float())
+        self.register_buffer("block_u", None if block_u is None else block_u.float())
+        self.register_buffer("block_v", None if block_v is None else block_v.float())
+        self.act_bits = [int(b) for b in act_bits]
+        self.act_scales = [float(s) for s in act_scales]
+        self.segment_of_step = [int(s) for s in segment_of_step]
+
+    @property
+    def block_shape(self) -> tuple[int, int] | None:
+        if self.block_u is None:
+            return None
+        return self.block_u.shape[-1], self.block_v.shape[-1]
+
+    def active_segment(self) -> int:
+        forced = _segment_override.get()
+        if forced is not None:
+            return forced
+        step = current_step()
+        if step is None:
+            if len(self.act_bits) == 1:
+                return 0
+            raise RuntimeError("QuantLinear with several timestep segments was called outside the sampler; "
+                               "use qdit4sr.calibration.qlinear.segment_scope(k)")
+        if step >= len(self.segment_of_step):
+            raise RuntimeError(f"sampler step {step} is beyond the {len(self.segment_of_step)} steps of the bit plan")
+        return self.segment_of_step[step]
+
+    def branch(self, x_h: torch.Tensor) -> torch.Tensor | None:
+        """Full-precision side branches on the rotated input (None when the layer has none)."""
+        y = None
+        if self.up is not None:
+            y = (x_h @ self.down.T) @ self.up.T
+        if self.block_u is not None:
+            s_o, s_i = self.block_shape
+            p, q = self.block_sigma.shape
+            t = torch.einsum("...qi,pqi->...pq", x_h.reshape(*x_h.shape[:-1], q, s_i), self.block_v)
+            local = torch.einsum("...pq,pqo->...po", t * self.block_sigma, self.block_u)
+            local = local.reshape(*x_h.shape[:-1], p * s_o)
+            y = local if y is None else y + local
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_h = apply_hadamard(x) if self.hadamard else x
+        segment = self.active_segment()
+        bits = self.act_bits[segment]
+        x_q = x_h if bits >= NO_ACT_QUANT else fake_quantize_activation(x_h, bits, self.act_scales[segment])
+        y = F.linear(x_q, self.residual_weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        branch = self.branch(x_h)
+        return y if branch is None else y + branch.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, w{self.weight_bits}/g{self.group_size}, "
+                f"a{self.act_bits}, hadamard={self.hadamard}, rank={0 if self.up is None else self.up.shape[1]}, "
+                f"blocks={self.block_shape}")

@@ -1,0 +1,134 @@
+"""Activation statistics per quantized layer and sampler step, collected once over a calibration set.
+
+For every layer the hook records, at each step, the second moment v = mean(x_H^2) of the
+Hadamard-rotated input (the quantity VaTMP schedules on) and its absolute maximum.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
+
+from ..models.images import TRAIN_PHOTOS, degrade_x4, load_photo, resize_bicubic, to_tensor
+from ..models.loading import atomic_write
+from ..models.step_context import current_step
+from .hadamard import apply_hadamard
+
+STATS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    num_images: int = 32
+    lr_crop: int | None = None    # LR crop side; None = one transformer tile after x4 upscaling
+    scale: int = 4
+    seed: int = 0
+    hadamard: bool = True
+    batch_size: int = 16          # crops denoised together (statistics pool over the batch anyway)
+
+
+@dataclass
+class ActivationStats:
+    layers: list[str]
+    timesteps: list[float]
+    second_moment: np.ndarray   # [L, T] mean of squared (rotated) inputs
+    amax: np.ndarray            # [L, T]
+    config: CalibrationConfig
+
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "activation_stats.safetensors", lambda tmp: save_file(
+            {"second_moment": self.second_moment.astype(np.float64), "amax": self.amax.astype(np.float64)}, tmp))
+        meta = {"version": STATS_VERSION, "layers": self.layers, "timesteps": self.timesteps,
+                "config": asdict(self.config)}
+        atomic_write(folder / "activation_stats.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+
+    @classmethod
+    def load(cls, folder: Path) -> "ActivationStats":
+        folder = Path(folder)
+        meta = json.loads((folder / "activation_stats.json").read_text())
+        if meta.get("version") != STATS_VERSION:
+            raise ValueError(f"activation statistics version {meta.get('version')} is not {STATS_VERSION}")
+        arrays = load_file(str(folder / "activation_stats.safetensors"))
+        stats = cls(meta["layers"], meta["timesteps"], arrays["second_moment"], arrays["amax"],
+                    CalibrationConfig(**meta["config"]))
+        expected = (len(stats.layers), len(stats.timesteps))
+        if stats.second_moment.shape != expected or stats.amax.shape != expected:
+            raise ValueError(f"activation statistics arrays do not match {expected}")
+        return stats
+
+    def layer_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.layers)}
+
+
+class _Recorder:
+    """Forward pre-hooks accumulating sum(x^2), count and amax per (layer, step)."""
+
+    def __init__(self, layers: dict[str, torch.nn.Module], steps: int, hadamard: bool):
+        self.names = list(layers)
+        self.sq = np.zeros((len(layers), steps))
+        self.count = np.zeros((len(layers), steps))
+        self.amax = np.zeros((len(layers), steps))
+        self.hadamard = hadamard
+        self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(layers.values())]
+
+    def _hook(self, index: int):
+        def hook(module, args):
+            step = current_step()
+            if step is None:
+                return
+            x = args[0].detach().double()
+            if self.hadamard:
+                x = apply_hadamard(x)
+            self.sq[index, step] += float(x.square().sum())
+            self.count[index, step] += x.numel()
+            self.amax[index, step] = max(self.amax[index, step], float(x.abs().max()))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def calibration_images(config: CalibrationConfig, lr_crop: int) -> list[np.ndarray]:
+    """Deterministic LR crops (x4-degraded) from the training photos; held-out photos stay unseen."""
+    rng = np.random.default_rng(config.seed)
+    photos = [load_photo(n) for n in TRAIN_PHOTOS]
+    crops = []
+    hr_size = lr_crop * config.scale
+    for _ in range(config.num_images):
+        photo = photos[rng.integers(len(photos))]
+        h, w = photo.shape[:2]
+        top, left = int(rng.integers(0, h - hr_size + 1)), int(rng.integers(0, w - hr_size + 1))
+        hr = to_tensor(photo[top:top + hr_size, left:left + hr_size])
+        crops.append(degrade_x4(hr, config.scale))
+    return crops
+
+
+@torch.no_grad()
+def collect_activation_stats(pipeline, layers: dict[str, torch.nn.Module], config: CalibrationConfig = CalibrationConfig(),
+                             progress: bool = True) -> ActivationStats:
+    """Run the sampler on the calibration crops and record per-step statistics of every layer's input."""
+    tile_px = pipeline.config.tile_size * pipeline.codec.downsample
+    lr_crop = config.lr_crop or tile_px // config.scale
+    timesteps = pipeline.sampler_timesteps()
+    recorder = _Recorder(layers, len(timesteps), config.hadamard)
+    try:
+        images = calibration_images(config, lr_crop)
+        batches = [torch.cat(images[i:i + config.batch_size]) for i in range(0, len(images), config.batch_size)]
+        for i, lr in enumerate(tqdm(batches, desc="calibration", disable=not progress)):
+            cond = resize_bicubic(lr, lr.shape[-2] * config.scale, lr.shape[-1] * config.scale)
+            latent = pipeline.codec.encode(cond)
+            pipeline.denoise(latent, torch.Generator().manual_seed(config.seed * 100003 + i))
+    finally:
+        recorder.remove()
+    if (recorder.count == 0).any():
+        missing = sorted({recorder.names[i] for i in np.nonzero((recorder.count == 0).any(1))[0]})
+        raise RuntimeError(f"no activations recorded for {len(missing)} layers, e.g. {missing[:3]}")
+    return ActivationStats(recorder.names, timesteps, recorder.sq / recorder.count, recorder.amax, config)

@@ -1,0 +1,88 @@
+"""Command-line tools of the engines package.
+
+    qdit4sr-profile ENGINES_DIR [--run] [--iterations N] [--batch B]
+        prints (and with --run executes) one trtexec profiling command per segment engine; a folder
+        with graphs but no engines gets the build commands instead. Exit codes: 0 printed / all runs
+        passed, 1 some trtexec run failed, 2 nothing to profile (missing folder or manifest, no engines,
+        trtexec not on PATH for --run): the reason is one line on stderr.
+
+    python -m qdit4sr.engines.build FOLDER [options]
+        builds the segment engines (needs TensorRT, triton and a CUDA device; exit code 2 and the
+        reason otherwise).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .build import EngineBuildConfig, TensorRTUnavailable, build_engines
+from .manifest import ManifestError
+from .profile import DEFAULT_ITERATIONS, ProfileError, plan_profile, run_plan
+
+
+def _fail(ctx: click.Context, message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    ctx.exit(2)
+
+
+@click.command("qdit4sr-profile")
+@click.argument("engines_dir", type=click.Path(path_type=Path))
+@click.option("--run", "run_", is_flag=True, help="Execute the trtexec commands (trtexec must be on PATH).")
+@click.option("--iterations", type=click.IntRange(min=1), default=DEFAULT_ITERATIONS, show_default=True,
+              help="trtexec --iterations.")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help=f"Batch size of the profiled shapes [default: {EngineBuildConfig().batch_opt}, the profile's opt].")
+@click.pass_context
+def profile_command(ctx: click.Context, engines_dir: Path, run_: bool, iterations: int, batch: int | None) -> None:
+    """Print trtexec commands that profile each segment engine of ENGINES_DIR (an exported folder)."""
+    try:
+        plan = plan_profile(engines_dir, batch=batch, iterations=iterations)
+    except ProfileError as e:
+        _fail(ctx, str(e))
+        return
+    if plan.kind == "graphs":
+        # Nothing to profile: say so on stderr, and print how to build the engines.
+        click.echo(f"error: no TensorRT engines in {engines_dir}; build commands follow", err=True)
+        for line in plan.lines():
+            click.echo(line)
+        ctx.exit(2)
+        return
+    for line in plan.lines():
+        click.echo(line)
+    if run_:
+        try:
+            failed = run_plan(plan, echo=click.echo)
+        except ProfileError as e:
+            _fail(ctx, str(e))
+            return
+        if failed:
+            click.echo(f"error: {failed} of {len(plan.commands)} trtexec run(s) failed", err=True)
+            ctx.exit(1)
+
+
+@click.command("qdit4sr-build-engines")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--workspace-gib", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
+@click.option("--batch-min", type=click.IntRange(min=1), default=EngineBuildConfig.batch_min, show_default=True)
+@click.option("--batch-opt", type=click.IntRange(min=1), default=EngineBuildConfig.batch_opt, show_default=True)
+@click.option("--batch-max", type=click.IntRange(min=1), default=EngineBuildConfig.batch_max, show_default=True)
+@click.option("--opt-level", type=click.IntRange(0, 5), default=EngineBuildConfig.builder_optimization_level,
+              show_default=True, help="TensorRT builder optimisation level.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Timing cache file shared by the segments [default: FOLDER/timing.cache].")
+@click.option("--verbose", is_flag=True)
+@click.pass_context
+def build_command(ctx: click.Context, folder: Path, workspace_gib: float, batch_min: int, batch_opt: int,
+                  batch_max: int, opt_level: int, timing_cache: Path | None, verbose: bool) -> None:
+    """Build one TensorRT engine per timestep segment of the exported FOLDER."""
+    try:
+        config = EngineBuildConfig(workspace_bytes=int(workspace_gib * (1 << 30)), batch_min=batch_min,
+                                   batch_opt=batch_opt, batch_max=batch_max, builder_optimization_level=opt_level,
+                                   timing_cache_path=None if timing_cache is None else str(timing_cache))
+        paths = build_engines(folder, config, verbose=verbose)
+    except (TensorRTUnavailable, ManifestError, ValueError) as e:
+        _fail(ctx, f"engines were not built: {e}")
+        return
+    for path in paths:
+        click.echo(str(path))

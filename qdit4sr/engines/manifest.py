@@ -1,0 +1,318 @@
+"""`manifest.json`: what a runtime needs to run an exported Q-DiT4SR folder, and proof that it is intact.
+
+It names the model (hash of the full-precision transformer), the precision and bit plan, the sampler
+settings, the latent codec, the prompt embeddings, and per timestep segment the graph files of each
+flavour (and the TensorRT engine once built), all with sha256 digests. `Manifest.load` refuses a
+folder whose files are missing or changed, whose version is unknown, or whose segments do not cover
+the sampler steps contiguously, with a `ManifestError` that names the problem.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..calibration.plan import BitPlan
+from ..exporter.external_data import sha256_file
+from ..models.latents import PixelUnshuffleCodec, VAECodec
+from ..models.loading import atomic_write
+from ..models.pipeline import PipelineConfig, PromptEmbeddings
+
+MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+PLAN_FILE = "bit_plan.json"
+PROMPT_FILE = "prompt_embeds.safetensors"
+TRANSFORMER_KEYS = ("patch_size", "in_channels", "out_channels", "joint_attention_dim", "pooled_projection_dim")
+
+
+class ManifestError(ValueError):
+    """An exported folder whose manifest is missing, malformed, or disagrees with the files."""
+
+
+# ----------------------------------------------------------------------------- parts
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file inside the exported folder (relative path), its size and sha256."""
+
+    path: str
+    sha256: str
+    size: int
+
+    @classmethod
+    def of(cls, folder: Path, path: str | Path) -> "FileRef":
+        path = Path(path)
+        rel = path.relative_to(folder) if path.is_absolute() else path
+        full = Path(folder) / rel
+        return cls(rel.as_posix(), sha256_file(full), full.stat().st_size)
+
+    def resolve(self, folder: Path) -> Path:
+        return Path(folder) / self.path
+
+    def verify(self, folder: Path, what: str, check_hash: bool = True) -> None:
+        full = self.resolve(folder)
+        if Path(self.path).is_absolute() or ".." in Path(self.path).parts:
+            raise ManifestError(f"{what}: path {self.path!r} must stay inside the folder")
+        if not full.is_file():
+            raise ManifestError(f"{what}: file {self.path} is missing")
+        size = full.stat().st_size
+        if size != self.size:
+            raise ManifestError(f"{what}: {self.path} has {size} bytes, the manifest says {self.size}")
+        if check_hash and sha256_file(full) != self.sha256:
+            raise ManifestError(f"{what}: sha256 of {self.path} does not match the manifest (file changed)")
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list[int | str]       # "batch" for the dynamic axis
+    dtype: str
+
+
+@dataclass
+class SegmentEntry:
+    index: int
+    steps: list[int]             # [start, end) sampler steps
+    timesteps: list[float]
+    graphs: dict[str, FileRef]   # flavour -> graph file
+    engine: FileRef | None = None
+
+
+def _file_ref(raw: dict | None) -> FileRef | None:
+    return None if raw is None else FileRef(str(raw["path"]), str(raw["sha256"]), int(raw["size"]))
+
+
+# ----------------------------------------------------------------------------- manifest
+
+@dataclass
+class Manifest:
+    model_hash: str
+    precision: str
+    plan: FileRef
+    sampler: dict[str, Any]              # PipelineConfig fields
+    codec: dict[str, Any]                # pixel-unshuffle json, or {"kind": "vae", "path": ...}
+    transformer: dict[str, int]          # the config fields a sampler needs
+    tile_latent: int
+    text_tokens: int
+    segments: list[SegmentEntry]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    shared_weights: FileRef | None = None
+    prompt_embeds: FileRef | None = None
+    version: int = MANIFEST_VERSION
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return self.segments[-1].steps[1] if self.segments else 0
+
+    @property
+    def flavours(self) -> list[str]:
+        return sorted(self.segments[0].graphs) if self.segments else []
+
+    def pipeline_config(self) -> PipelineConfig:
+        return PipelineConfig(**self.sampler)
+
+    def segment_of_step(self, step: int) -> int:
+        for seg in self.segments:
+            if seg.steps[0] <= step < seg.steps[1]:
+                return seg.index
+        raise IndexError(f"sampler step {step} is outside the {self.num_steps} exported steps")
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+    def save(self, folder: str | Path) -> Path:
+        target = Path(folder) / MANIFEST_FILE
+        text = self.to_json()
+        atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+        return target
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{MANIFEST_FILE} is not valid JSON (truncated or corrupted?): {e}") from e
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{MANIFEST_FILE} must hold a JSON object")
+        if raw.get("version") != MANIFEST_VERSION:
+            raise ManifestError(f"manifest version {raw.get('version')!r} is not supported "
+                                f"(this runtime reads version {MANIFEST_VERSION})")
+        known = {f.name for f in fields(cls)}
+        missing = sorted(f.name for f in fields(cls) if f.name not in raw
+                         and f.name not in ("shared_weights", "prompt_embeds", "version"))
+        if missing:
+            raise ManifestError(f"manifest lacks the fields {missing}")
+        try:
+            return cls(**{**{k: v for k, v in raw.items() if k in known},
+                          "plan": _file_ref(raw["plan"]), "shared_weights": _file_ref(raw.get("shared_weights")),
+                          "prompt_embeds": _file_ref(raw.get("prompt_embeds")),
+                          "segments": [SegmentEntry(int(s["index"]), [int(a) for a in s["steps"]],
+                                                    [float(t) for t in s["timesteps"]],
+                                                    {fl: _file_ref(g) for fl, g in s["graphs"].items()},
+                                                    _file_ref(s.get("engine"))) for s in raw["segments"]],
+                          "inputs": [TensorSpec(**t) for t in raw["inputs"]],
+                          "outputs": [TensorSpec(**t) for t in raw["outputs"]]})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ManifestError(f"manifest has malformed fields: {e!r}") from e
+
+    @classmethod
+    def load(cls, folder: str | Path, check_hashes: bool = True) -> "Manifest":
+        """Read and validate `folder/manifest.json` against the files beside it."""
+        folder = Path(folder)
+        path = folder / MANIFEST_FILE
+        if not path.is_file():
+            raise ManifestError(f"no {MANIFEST_FILE} in {folder}")
+        manifest = cls.from_json(path.read_text())
+        manifest.validate(folder, check_hashes)
+        return manifest
+
+    # -- validation ------------------------------------------------------------------------------
+    def validate(self, folder: Path, check_hashes: bool = True) -> None:
+        self._validate_segments()
+        self._validate_settings()
+        self.plan.verify(folder, "bit plan", check_hashes)
+        if self.shared_weights is not None:
+            self.shared_weights.verify(folder, "shared weights", check_hashes)
+        if self.prompt_embeds is not None:
+            self.prompt_embeds.verify(folder, "prompt embeddings", check_hashes)
+        for seg in self.segments:
+            for flavour, ref in seg.graphs.items():
+                ref.verify(folder, f"segment {seg.index} {flavour} graph", check_hashes)
+            if seg.engine is not None:
+                seg.engine.verify(folder, f"segment {seg.index} engine", check_hashes)
+        plan = BitPlan.load(self.plan.resolve(folder)) if check_hashes else None
+        if plan is not None and [list(s) for s in plan.segments] != [s.steps for s in self.segments]:
+            raise ManifestError(f"segments {[s.steps for s in self.segments]} differ from the bit plan's "
+                                f"{[list(s) for s in plan.segments]}")
+
+    def _validate_segments(self) -> None:
+        if not self.segments:
+            raise ManifestError("manifest lists no segments")
+        expected_start = 0
+        for i, seg in enumerate(self.segments):
+            if seg.index != i:
+                raise ManifestError(f"segment at position {i} has index {seg.index}; indices must run 0..K-1")
+            if len(seg.steps) != 2:
+                raise ManifestError(f"segment {i}: steps must be [start, end), got {seg.steps}")
+            start, end = seg.steps
+            if start != expected_start:
+                raise ManifestError(f"segments are not contiguous: segment {i} starts at step {start}, "
+                                    f"expected {expected_start}")
+            if end <= start:
+                raise ManifestError(f"segment {i} is empty or reversed: steps [{start}, {end})")
+            if len(seg.timesteps) != end - start:
+                raise ManifestError(f"segment {i}: {len(seg.timesteps)} timesteps for {end - start} steps")
+            if not seg.graphs:
+                raise ManifestError(f"segment {i} has no graph file")
+            if sorted(seg.graphs) != sorted(self.segments[0].graphs):
+                raise ManifestError(f"segment {i} has flavours {sorted(seg.graphs)}, segment 0 has "
+                                    f"{sorted(self.segments[0].graphs)}")
+            expected_start = end
+        steps = self.sampler.get("num_inference_steps")
+        if steps != expected_start:
+            raise ManifestError(f"segments cover steps 0..{expected_start} but the sampler runs {steps} steps")
+
+    def _validate_settings(self) -> None:
+        try:
+            config = self.pipeline_config()
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"sampler settings are invalid: {e}") from e
+        if config.tile_size != self.tile_latent:
+            raise ManifestError(f"sampler tile_size {config.tile_size} differs from the exported tile "
+                                f"{self.tile_latent}; the graphs take exactly {self.tile_latent}x{self.tile_latent}")
+        missing = [k for k in TRANSFORMER_KEYS if k not in self.transformer]
+        if missing:
+            raise ManifestError(f"transformer settings lack {missing}")
+        if self.codec.get("kind") not in ("pixel_unshuffle", "vae"):
+            raise ManifestError(f"unknown codec kind {self.codec.get('kind')!r}")
+
+
+# ----------------------------------------------------------------------------- building
+
+def transformer_hash(model: torch.nn.Module) -> str:
+    """sha256 over the transformer config and state dict bytes; take it before quantizing the model."""
+    digest = hashlib.sha256()
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.config).items()
+              if not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def codec_spec(codec, vae_path: str | Path | None = None) -> dict[str, Any]:
+    """JSON description of a codec: the pixel-unshuffle parameters, or the VAE folder path."""
+    if isinstance(codec, PixelUnshuffleCodec):
+        return asdict(codec)
+    if isinstance(codec, VAECodec) or getattr(codec, "kind", None) == "vae":
+        if vae_path is None:
+            raise ValueError("a VAE codec is recorded by its folder: pass vae_path")
+        return {"kind": "vae", "path": str(vae_path)}
+    raise ValueError(f"unknown codec {type(codec).__name__}")
+
+
+def load_codec_spec(spec: dict[str, Any], folder: Path):
+    """The codec a manifest describes; a relative VAE path is taken from the exported folder."""
+    if spec.get("kind") == "pixel_unshuffle":
+        return PixelUnshuffleCodec(factor=int(spec["factor"]), scaling=float(spec["scaling"]))
+    if spec.get("kind") == "vae":
+        path = Path(spec["path"])
+        return VAECodec.from_folder(path if path.is_absolute() else Path(folder) / path, subfolder=None)
+    raise ManifestError(f"unknown codec kind {spec.get('kind')!r}")
+
+
+def precision_string(plan: BitPlan) -> str:
+    return f"w{plan.config.weight_bits:g}a{plan.config.act_bits:g}"
+
+
+def build_manifest(folder: str | Path, exports, plan: BitPlan, *, model_hash: str, pipeline_config: PipelineConfig,
+                   codec, transformer_config, tile_latent: int, text_tokens: int,
+                   prompt: PromptEmbeddings | None = None, vae_path: str | Path | None = None,
+                   precision: str | None = None) -> Manifest:
+    """Write the plan (and prompt embeddings) beside the exported graphs and describe the folder.
+
+    `exports` is the list returned by `export_segments` for this folder. The manifest is returned
+    unsaved; call `.save(folder)` last, once every file it names is in place.
+    """
+    from ..exporter.onnx_export import io_spec  # the exporter owns the graph I/O description
+
+    folder = Path(folder)
+    if pipeline_config.tile_size != tile_latent:
+        raise ValueError(f"pipeline tile_size {pipeline_config.tile_size} must equal the exported tile {tile_latent}")
+    if pipeline_config.num_inference_steps != plan.num_steps:
+        raise ValueError(f"the sampler runs {pipeline_config.num_inference_steps} steps, the plan covers "
+                         f"{plan.num_steps}")
+    plan.save(folder / PLAN_FILE)
+    prompt_ref = None
+    if prompt is not None:
+        tensors = {k: v.detach().float().contiguous() for k, v in asdict(prompt).items() if v is not None}
+        if tensors["prompt_embeds"].shape[1] != text_tokens:
+            raise ValueError(f"prompt embeddings have {tensors['prompt_embeds'].shape[1]} tokens, the graphs take "
+                             f"{text_tokens}")
+        atomic_write(folder / PROMPT_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        prompt_ref = FileRef.of(folder, PROMPT_FILE)
+    segments = [SegmentEntry(e.index, list(e.steps), list(e.timesteps),
+                             {fl: FileRef(Path(p).name, e.graph_sha256[fl], (folder / Path(p).name).stat().st_size)
+                              for fl, p in e.graphs.items()})
+                for e in exports]
+    weights = exports[0].weights if exports else None
+    inputs, outputs = io_spec(transformer_config, tile_latent, text_tokens)
+    return Manifest(
+        model_hash=model_hash, precision=precision or precision_string(plan), plan=FileRef.of(folder, PLAN_FILE),
+        sampler=asdict(pipeline_config), codec=codec_spec(codec, vae_path),
+        transformer={k: int(getattr(transformer_config, k)) for k in TRANSFORMER_KEYS},
+        tile_latent=tile_latent, text_tokens=text_tokens, segments=segments,
+        inputs=[TensorSpec(**t) for t in inputs], outputs=[TensorSpec(**t) for t in outputs],
+        shared_weights=None if weights is None else FileRef(Path(weights).name, exports[0].weights_sha256,
+                                                              (folder / Path(weights).name).stat().st_size),
+        prompt_embeds=prompt_ref)

@@ -1,0 +1,304 @@
+"""Rewrite each QuantLinear placeholder into the ops the deployed graph runs (onnx-graphsurgeon).
+
+Per placeholder with input x [..., K] and output y [..., N] (r = rank of x):
+
+    Hadamard        Reshape(x, [0]*(r-1) + [m, p]) -> MatMul(., B) -> MatMul(A^T, .) -> Reshape back to [.., K]
+                    (x H with H = kron(A, B), exactly `apply_hadamard`; factors of size 1 are skipped)
+    act. quant      Clip(x_H, -qmax_b*s, qmax_b*s) -> QuantizeLinear(s, int8 0) -> DequantizeLinear(s, int8 0)
+                    (none when the segment's bits are 16)
+    residue         DequantizeLinear(codes [K, N], scale) -> MatMul(x_q, W) -> Add(bias)
+    branches        portable: LowRankBranch as MatMul(MatMul(x_H, down^T), up^T); BlockRank1Branch as
+                    Reshape [.., Q, 1, s_i] -> MatMul(v^T [Q, s_i, P]) -> Transpose [.., P, 1, Q] -> Mul(sigma)
+                    -> MatMul(u [P, Q, s_o]) -> Reshape [.., N];  trt: the qdit4sr plugin nodes of `contract`
+    output          Add(residue, Add(low rank, block rank-1))
+
+Activations use an INT8 container for every width b <= 8: TensorRT runs integer activations only as
+INT8, so the b-bit range lives in the static scale s and the Clip to +-qmax_b * s in front of the
+QuantizeLinear (clipping first makes round(clip(x)/s) == clamp(round(x/s), -qmax_b, qmax_b), the
+fake-quant formula, without a narrower integer type).
+
+Weights are really quantized: codes of layers with <= 4 bits are INT4 initializers, wider ones INT8
+(codes stay in the layer's +-qmax range either way), dequantized block-wise with block = group size
+along K (scale [K/G, N]) or per output channel (scale [N]) when the layer has no groups. TensorRT
+runs INT4 weights only block-wise with blocks of 64 or 128, so the trt flavour writes a per-channel
+INT4 weight as blocks of 64 (or 128) that repeat the channel's scale: the same numbers, a layout it
+accepts. Weight tensors are laid out as the contract expects (down [R, K], up [N, R], sigma [P, Q],
+u [P, Q, s_o], v [P, Q, s_i]) in both flavours, so one copy in the external-data file serves both;
+the portable flavour transposes them with constant-folded Transpose nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from onnx import TensorProto
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from ..calibration.hadamard import hadamard_factor_matrices, hadamard_factors
+from ..calibration.qlinear import NO_ACT_QUANT, QuantLinear
+from ..calibration.quantizer import pack_int, qmax
+from . import contract
+from .external_data import WeightStore
+from .placeholder import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
+
+FLAVOURS = ("portable", "trt")
+TRT_INT4_BLOCKS = (64, 128)
+IR_VERSION = 10  # the IR version that introduced opset 21 (INT4); every current runtime reads it
+
+
+# ----------------------------------------------------------------------------- prepared layers
+
+@dataclass
+class WeightDQ:
+    """A quantized weight and how to dequantize it."""
+
+    codes: TensorProto          # [K, N] INT4 or INT8
+    scale: TensorProto          # [K/G, N] (blocked) or [N] (per axis)
+    axis: int
+    block_size: int             # 0 = per-axis
+
+
+@dataclass
+class LayerSpec:
+    """Everything the graph needs of one QuantLinear, weights already in the store (shared by segments)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    input_rank: int
+    hadamard: bool
+    weight_bits: int
+    weight: dict[str, WeightDQ]                 # per flavour (equal objects unless the layouts differ)
+    bias: TensorProto | None
+    act_bits: list[int]
+    act_scales: list[float]
+    down: TensorProto | None = None
+    up: TensorProto | None = None
+    sigma: TensorProto | None = None
+    block_u: TensorProto | None = None
+    block_v: TensorProto | None = None
+    block_shape: tuple[int, int] | None = None
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.down is None else self.down.dims[0]
+
+
+def _int_codes(store: WeightStore, name: str, codes: np.ndarray, bits: int) -> TensorProto:
+    """Codes [K, N] as INT4 (packed two per byte, first in the low nibble) or INT8."""
+    if bits <= 4:
+        raw = pack_int(torch.from_numpy(np.ascontiguousarray(codes)), 4).numpy().tobytes()
+        return store.tensor(name, TensorProto.INT4, codes.shape, raw)
+    return store.array(name, codes.astype(np.int8))
+
+
+def _weight_dq(store: WeightStore, layer: QuantLinear, name: str) -> dict[str, WeightDQ]:
+    codes = layer.qweight.numpy().T.copy()                       # [K, N]
+    scales = layer.weight_scales.numpy().astype(np.float32)      # [N, n_groups]
+    bits = layer.weight_bits
+    codes_proto = _int_codes(store, f"{name}.qweight", codes, bits)
+    k = layer.in_features
+    if layer.group_size is not None:
+        dq = WeightDQ(codes_proto, store.array(f"{name}.weight_scale", scales.T.copy()), 0, layer.group_size)
+        return {"portable": dq, "trt": dq}
+    per_axis = WeightDQ(codes_proto, store.array(f"{name}.weight_scale", scales[:, 0].copy()), 1, 0)
+    block = next((b for b in TRT_INT4_BLOCKS if k % b == 0), None)
+    if bits > 4 or block is None:
+        return {"portable": per_axis, "trt": per_axis}
+    repeated = np.repeat(scales[:, :1].T, k // block, axis=0)    # [K/block, N], one channel scale per block
+    blocked = WeightDQ(codes_proto, store.array(f"{name}.weight_scale_blocked", repeated), 0, block)
+    return {"portable": per_axis, "trt": blocked}
+
+
+def prepare_layer(store: WeightStore, name: str, layer: QuantLinear, input_rank: int) -> LayerSpec:
+    """Write one layer's weights into the store and describe it for the rewrite."""
+    def arr(suffix: str, t) -> TensorProto | None:
+        return None if t is None else store.array(f"{name}.{suffix}", t.detach().float().numpy())
+
+    return LayerSpec(
+        name=name, in_features=layer.in_features, out_features=layer.out_features, input_rank=input_rank,
+        hadamard=layer.hadamard, weight_bits=layer.weight_bits, weight=_weight_dq(store, layer, name),
+        bias=arr("bias", layer.bias), act_bits=list(layer.act_bits), act_scales=list(layer.act_scales),
+        down=arr("lowrank_down", layer.down), up=arr("lowrank_up", layer.up), sigma=arr("block_sigma", layer.block_sigma),
+        block_u=arr("block_u", layer.block_u), block_v=arr("block_v", layer.block_v), block_shape=layer.block_shape)
+
+
+@dataclass
+class HadamardFactors:
+    """Orthonormal factors per input size, stored once and shared by every layer and graph."""
+
+    store: WeightStore
+    cache: dict[int, tuple[TensorProto | None, TensorProto | None]] = field(default_factory=dict)
+
+    def get(self, n: int) -> tuple[TensorProto | None, TensorProto | None]:
+        """(A^T [m, m] or None, B [p, p] or None) for size n; None where the factor has size 1."""
+        if n not in self.cache:
+            m, p = hadamard_factors(n)
+            a, b = hadamard_factor_matrices(n, dtype=torch.float32)
+            a_t = self.store.array(f"hadamard_{n}.A_T", a.T.contiguous().numpy()) if m > 1 else None
+            b_p = self.store.array(f"hadamard_{n}.B", b.numpy()) if p > 1 else None
+            self.cache[n] = (a_t, b_p)
+        return self.cache[n]
+
+
+# ----------------------------------------------------------------------------- graph building
+
+class _Builder:
+    """Adds nodes for one graph; constants are shared by name within the graph."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.constants: dict[str, gs.Constant] = {}
+        self.count = 0
+
+    def const(self, value: TensorProto | np.ndarray, name: str | None = None) -> gs.Constant:
+        if isinstance(value, TensorProto):
+            name = value.name
+            if name not in self.constants:
+                self.constants[name] = gs.Constant(name, LazyValues(value))
+        else:
+            name = name or f"const_{value.dtype}_{'_'.join(map(str, np.ravel(value).tolist()))}"
+            if name not in self.constants:
+                self.constants[name] = gs.Constant(name, np.asarray(value))
+        return self.constants[name]
+
+    def shape(self, dims: list[int]) -> gs.Constant:
+        return self.const(np.array(dims, dtype=np.int64), "shape_" + "_".join(map(str, dims)))
+
+    def op(self, prefix: str, op: str, inputs: list, attrs: dict | None = None, *, out: gs.Variable | None = None,
+           dtype=np.float32, shape=None, domain: str | None = None) -> gs.Variable:
+        self.count += 1
+        label = f"{prefix}/{op}_{self.count}"
+        out = out or gs.Variable(f"{label}_out", dtype=dtype, shape=shape)
+        node = gs.Node(op=op, name=label, attrs=attrs or {}, inputs=inputs, outputs=[out], domain=domain)
+        self.graph.nodes.append(node)
+        return out
+
+
+def _hadamard(b: _Builder, spec: LayerSpec, x: gs.Variable, factors: HadamardFactors) -> gs.Variable:
+    k, lead = spec.in_features, [0] * (spec.input_rank - 1)
+    m, p = hadamard_factors(k)
+    a_t, b_p = factors.get(k)
+    if a_t is None and b_p is None:
+        return x
+    h = b.op(spec.name, "Reshape", [x, b.shape(lead + [m, p])])
+    if b_p is not None:
+        h = b.op(spec.name, "MatMul", [h, b.const(b_p)])
+    if a_t is not None:
+        h = b.op(spec.name, "MatMul", [b.const(a_t), h])
+    return b.op(spec.name, "Reshape", [h, b.shape(lead + [k])])
+
+
+def _act_quant(b: _Builder, spec: LayerSpec, x: gs.Variable, segment: int) -> gs.Variable:
+    bits, scale = spec.act_bits[segment], np.float32(spec.act_scales[segment])
+    if bits >= NO_ACT_QUANT:
+        return x
+    limit = np.float32(qmax(bits)) * scale
+    s = b.const(np.array(scale, dtype=np.float32), f"{spec.name}.act_scale")
+    zero = b.const(np.array(0, dtype=np.int8), "int8_zero")
+    lo = b.const(np.array(-limit, dtype=np.float32), f"{spec.name}.act_min")
+    hi = b.const(np.array(limit, dtype=np.float32), f"{spec.name}.act_max")
+    clipped = b.op(spec.name, "Clip", [x, lo, hi])
+    q = b.op(spec.name, "QuantizeLinear", [clipped, s, zero], dtype=np.int8)
+    return b.op(spec.name, "DequantizeLinear", [q, s, zero])
+
+
+def _residue(b: _Builder, spec: LayerSpec, x_q: gs.Variable, flavour: str) -> gs.Variable:
+    w = spec.weight[flavour]
+    attrs = {"axis": w.axis} | ({"block_size": w.block_size} if w.block_size else {})
+    weight = b.op(spec.name, "DequantizeLinear", [b.const(w.codes), b.const(w.scale)], attrs)
+    y = b.op(spec.name, "MatMul", [x_q, weight])
+    return y if spec.bias is None else b.op(spec.name, "Add", [y, b.const(spec.bias)])
+
+
+def _branches_portable(b: _Builder, spec: LayerSpec, x_h: gs.Variable) -> gs.Variable | None:
+    out = None
+    r = spec.input_rank
+    lead = [0] * (r - 1)
+    if spec.down is not None:
+        down_t = b.op(spec.name, "Transpose", [b.const(spec.down)], {"perm": [1, 0]})
+        up_t = b.op(spec.name, "Transpose", [b.const(spec.up)], {"perm": [1, 0]})
+        out = b.op(spec.name, "MatMul", [b.op(spec.name, "MatMul", [x_h, down_t]), up_t])
+    if spec.sigma is not None:
+        s_o, s_i = spec.block_shape
+        p, q = spec.sigma.dims
+        v_t = b.op(spec.name, "Transpose", [b.const(spec.block_v)], {"perm": [1, 2, 0]})        # [Q, s_i, P]
+        sigma = b.op(spec.name, "Reshape", [b.const(spec.sigma), b.shape([p, 1, q])])          # [P, 1, Q]
+        xr = b.op(spec.name, "Reshape", [x_h, b.shape(lead + [q, 1, s_i])])                   # [.., Q, 1, s_i]
+        t = b.op(spec.name, "MatMul", [xr, v_t])                                               # [.., Q, 1, P]
+        perm = list(range(r - 1)) + [r + 1, r, r - 1]
+        t = b.op(spec.name, "Transpose", [t], {"perm": perm})                                  # [.., P, 1, Q]
+        t = b.op(spec.name, "Mul", [t, sigma])
+        local = b.op(spec.name, "MatMul", [t, b.const(spec.block_u)])                          # [.., P, 1, s_o]
+        local = b.op(spec.name, "Reshape", [local, b.shape(lead + [p * s_o])])
+        out = local if out is None else b.op(spec.name, "Add", [out, local])
+    return out
+
+
+def _branches_trt(b: _Builder, spec: LayerSpec, x_h: gs.Variable, out_shape) -> gs.Variable | None:
+    out = None
+    common = dict(in_features=spec.in_features, out_features=spec.out_features, aot=1)
+    if spec.down is not None:
+        attrs = contract.plugin_attributes("LowRankBranch", rank=spec.rank, **common)
+        out = b.op(spec.name, "LowRankBranch", [x_h, b.const(spec.down), b.const(spec.up)], attrs,
+                   shape=out_shape, domain=contract.DOMAIN)
+    if spec.sigma is not None:
+        s_o, s_i = spec.block_shape
+        attrs = contract.plugin_attributes("BlockRank1Branch", block_out=s_o, block_in=s_i, **common)
+        local = b.op(spec.name, "BlockRank1Branch",
+                     [x_h, b.const(spec.sigma), b.const(spec.block_u), b.const(spec.block_v)], attrs,
+                     shape=out_shape, domain=contract.DOMAIN)
+        out = local if out is None else b.op(spec.name, "Add", [out, local])
+    return out
+
+
+def _rewrite_node(b: _Builder, node: gs.Node, spec: LayerSpec, segment: int, flavour: str,
+                  factors: HadamardFactors) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    node.inputs.clear()
+    node.outputs.clear()
+    out_shape = None if x.shape is None else list(x.shape[:-1]) + [spec.out_features]
+    x_h = _hadamard(b, spec, x, factors) if spec.hadamard else x
+    x_q = _act_quant(b, spec, x_h, segment)
+    main = _residue(b, spec, x_q, flavour)
+    side = _branches_portable(b, spec, x_h) if flavour == "portable" else _branches_trt(b, spec, x_h, out_shape)
+    if side is None:
+        b.op(spec.name, "Identity", [main], out=y)
+    else:
+        b.op(spec.name, "Add", [main, side], out=y)
+
+
+def rewrite_segment(base: onnx.ModelProto, specs: dict[str, LayerSpec], segment: int, flavour: str,
+                    opset: int, factors: HadamardFactors) -> onnx.ModelProto:
+    """The deployable graph of one timestep segment: every placeholder replaced, lifted to `opset`."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
+    graph = gs.import_onnx(base)
+    b = _Builder(graph)
+    found = set()
+    for node in list(graph.nodes):
+        if node.domain != PLACEHOLDER_DOMAIN or node.op != PLACEHOLDER_OP:
+            continue
+        name = node.attrs["layer"]
+        name = name.decode() if isinstance(name, bytes) else name
+        if name not in specs:
+            raise ValueError(f"placeholder for {name!r} has no prepared layer")
+        found.add(name)
+        _rewrite_node(b, node, specs[name], segment, flavour, factors)
+    missing = sorted(set(specs) - found)
+    if missing:
+        raise ValueError(f"{len(missing)} quantized layers have no node in the traced graph, e.g. {missing[:3]}")
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    graph.opset = opset
+    graph.import_domains = [onnx.helper.make_opsetid("", opset)]
+    if flavour == "trt":
+        graph.import_domains.append(contract.domain_opset())
+    graph.name = f"qdit4sr_segment_{segment}_{flavour}"
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = IR_VERSION
+    model.producer_name = "qdit4sr"
+    del model.graph.value_info[:]  # stale shapes from the traced graph; inferred afresh below
+    return onnx.shape_inference.infer_shapes(model, strict_mode=flavour == "portable", data_prop=True)

@@ -1,0 +1,221 @@
+"""ONNX export of a quantized DiT4SR transformer: one graph per timestep segment of the bit plan.
+
+    export_segments(model, plan, out_dir, tile_latent, text_tokens, flavour) -> [SegmentExport]
+
+Each graph is the whole transformer forward for one tile: inputs hidden_states [B, C, h, h],
+controlnet_image [B, C, h, h], encoder_hidden_states [B, S, joint_dim], pooled_projections
+[B, pooled_dim], timestep [B]; output velocity [B, C_out, h, h]; only B is dynamic.
+
+Route: the transformer is traced once by the TorchScript exporter with every QuantLinear replaced by a
+placeholder node (placeholder.py); for every segment and flavour the placeholders are rewritten into
+Hadamard, activation Q/DQ, quantized weight and side-branch ops (graph_rewrite.py documents the ops,
+and why b-bit activations sit in an INT8 container). Flavours:
+
+    portable  standard ONNX ops only; what onnxruntime runs
+    trt       the side branches as qdit4sr plugin nodes (contract.py) for TensorRT; passes `lint_model`
+
+Weights shared by the segments (all of them: segments differ only in activation bits and scales) are
+written once into `weights.bin`, deduplicated by content, and referenced by every graph at the same
+offsets; tensors under `external_threshold_bytes` stay inline. Everything is written into a staging
+folder beside `out_dir` and moved into place only after every graph passed its checks.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from tqdm import tqdm
+
+from ..calibration.api import quantized_layers
+from ..calibration.plan import BitPlan
+from ..calibration.qlinear import QuantLinear
+from ..models.loading import atomic_write
+from .external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE, WeightStore, sha256_file
+from .graph_checks import check_onnx, check_trt
+from .graph_rewrite import FLAVOURS, HadamardFactors, prepare_layer, rewrite_segment
+from .placeholder import BATCH_AXIS, INPUT_NAMES, OUTPUT_NAME, trace_base_graph
+
+MIN_OPSET, MAX_OPSET = 21, 23  # 21: INT4 and blocked Q/DQ; later opsets change none of the ops used here
+FLAVOUR_CHOICES = ("portable", "trt", "both")
+# Ops whose schema changed meaning after the TorchScript exporter's opset 20 (lifting them would be wrong).
+_CHANGED_AFTER_20 = ("GroupNormalization",)
+
+
+@dataclass
+class SegmentExport:
+    """The graphs of one timestep segment."""
+
+    index: int
+    steps: tuple[int, int]                              # [start, end) sampler steps
+    timesteps: list[float]
+    graphs: dict[str, Path] = field(default_factory=dict)       # flavour -> file
+    graph_sha256: dict[str, str] = field(default_factory=dict)
+    weights: Path | None = None                         # the shared external-data file
+    weights_sha256: str | None = None
+    act_bits: dict[int, int] = field(default_factory=dict)      # bits -> number of layers using them
+
+
+def graph_file_name(segment: int, flavour: str) -> str:
+    return f"segment_{segment:02d}.{flavour}.onnx"
+
+
+def io_spec(config, tile_latent: int, text_tokens: int) -> tuple[list[dict], list[dict]]:
+    """Names, shapes (batch axis symbolic) and dtypes of the graph inputs and output."""
+    c, h = config.in_channels, tile_latent
+    shapes = {"hidden_states": [BATCH_AXIS, c, h, h], "controlnet_image": [BATCH_AXIS, c, h, h],
+              "encoder_hidden_states": [BATCH_AXIS, text_tokens, config.joint_attention_dim],
+              "pooled_projections": [BATCH_AXIS, config.pooled_projection_dim], "timestep": [BATCH_AXIS]}
+    inputs = [{"name": n, "shape": shapes[n], "dtype": "float32"} for n in INPUT_NAMES]
+    outputs = [{"name": OUTPUT_NAME, "shape": [BATCH_AXIS, config.out_channels, h, h], "dtype": "float32"}]
+    return inputs, outputs
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _flavours(flavour: str) -> tuple[str, ...]:
+    if flavour not in FLAVOUR_CHOICES:
+        raise ValueError(f"flavour must be one of {FLAVOUR_CHOICES}, got {flavour!r}")
+    return FLAVOURS if flavour == "both" else (flavour,)
+
+
+def check_plan_matches(model: torch.nn.Module, plan: BitPlan) -> dict[str, QuantLinear]:
+    """The model's QuantLinear layers, in plan order, after checking they are the ones the plan describes."""
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("the model has no QuantLinear layers; quantize it with quantize_() before exporting")
+    planned = [l.name for l in plan.layers]
+    missing, extra = sorted(set(planned) - set(layers)), sorted(set(layers) - set(planned))
+    if missing or extra or len(planned) != len(layers):
+        raise ValueError(f"plan and model disagree: plan has {len(planned)} layers, model {len(layers)} QuantLinear; "
+                         f"missing in model: {missing[:5]}; not in plan: {extra[:5]}")
+    k = len(plan.segments)
+    seg_of_step = plan.segment_of_step()
+    for lp in plan.layers:
+        q = layers[lp.name]
+        problems = []
+        if (q.in_features, q.out_features) != (lp.in_features, lp.out_features):
+            problems.append(f"shape {q.in_features}->{q.out_features} vs plan {lp.in_features}->{lp.out_features}")
+        if q.weight_bits != lp.weight_bits:
+            problems.append(f"weight bits {q.weight_bits} vs plan {lp.weight_bits}")
+        if len(q.act_bits) != k or list(q.act_bits) != list(lp.act_bits):
+            problems.append(f"activation bits {q.act_bits} vs plan {lp.act_bits} ({k} segments)")
+        elif any(abs(a - b) > 1e-6 * max(abs(b), 1e-30) for a, b in zip(q.act_scales, lp.act_scales)):
+            problems.append(f"activation scales {q.act_scales} vs plan {lp.act_scales}")
+        if list(q.segment_of_step) != seg_of_step:
+            problems.append("its step -> segment map differs from the plan's segments")
+        if (0 if q.up is None else q.up.shape[1]) != lp.rank:
+            problems.append(f"low-rank branch rank {0 if q.up is None else q.up.shape[1]} vs plan {lp.rank}")
+        if (None if q.block_shape is None else list(q.block_shape)) != lp.block_shape:
+            problems.append(f"block shape {q.block_shape} vs plan {lp.block_shape}")
+        if problems:
+            raise ValueError(f"layer {lp.name} does not match the plan: {'; '.join(problems)}")
+    return {lp.name: layers[lp.name] for lp in plan.layers}
+
+
+def check_tile(config, tile_latent: int, text_tokens: int) -> None:
+    """The static tile must be a whole number of patches that the model's positional table covers."""
+    p, max_side = config.patch_size, config.pos_embed_max_size
+    if not isinstance(tile_latent, int) or isinstance(tile_latent, bool) or tile_latent <= 0:
+        raise ValueError(f"tile_latent must be a positive int, got {tile_latent!r}")
+    if tile_latent % p:
+        raise ValueError(f"tile_latent={tile_latent} is not a multiple of the patch size {p}")
+    if max_side is not None and tile_latent // p > max_side:
+        raise ValueError(f"tile_latent={tile_latent} gives {tile_latent // p} patches per side, beyond the model's "
+                         f"pos_embed_max_size={max_side} (largest tile: {max_side * p} latent pixels)")
+    if not isinstance(text_tokens, int) or isinstance(text_tokens, bool) or text_tokens <= 0:
+        raise ValueError(f"text_tokens must be a positive int, got {text_tokens!r}")
+
+
+def _check_opset(opset: int) -> None:
+    if not MIN_OPSET <= opset <= min(MAX_OPSET, onnx.defs.onnx_opset_version()):
+        raise ValueError(f"opset must lie in {MIN_OPSET}..{MAX_OPSET} (INT4 and blocked Q/DQ need 21), got {opset}")
+
+
+def _check_liftable(base: onnx.ModelProto) -> None:
+    changed = sorted({n.op_type for n in base.graph.node if n.op_type in _CHANGED_AFTER_20})
+    if changed:
+        raise ValueError(f"the traced graph uses {changed}, whose meaning changed after opset 20; "
+                         f"cannot lift it to opset >= 21")
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    """A fresh folder beside out_dir (same file system, so the final rename is atomic)."""
+    parent = out_dir.parent
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output path {out_dir} exists and is not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=parent))
+    except OSError as e:
+        raise ValueError(f"cannot write into {parent}: {e}") from e
+    if out_dir.exists() and not os.access(out_dir, os.W_OK | os.X_OK):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ValueError(f"output folder {out_dir} is not writable")
+    return staging
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the staged files into out_dir: one rename for a new folder, else file by file (weights first)."""
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+        return
+    names = sorted(p.name for p in staging.iterdir())
+    names.sort(key=lambda n: n != WEIGHTS_FILE)  # graphs only appear once the weights they point to are there
+    for name in names:
+        os.replace(staging / name, out_dir / name)
+    staging.rmdir()
+
+
+# ----------------------------------------------------------------------------- export
+
+@torch.no_grad()
+def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, tile_latent: int, text_tokens: int,
+                    flavour: str = "portable", opset: int = 21, *,
+                    external_threshold_bytes: int = DEFAULT_THRESHOLD_BYTES,
+                    progress: bool = True) -> list[SegmentExport]:
+    """Write one ONNX graph per segment (and flavour) plus the shared weights file into out_dir."""
+    flavours = _flavours(flavour)
+    _check_opset(opset)
+    check_tile(model.config, tile_latent, text_tokens)
+    layers = check_plan_matches(model, plan)
+    out_dir = Path(out_dir)
+    staging = _staging_dir(out_dir)
+    try:
+        base = trace_base_graph(model, layers, tile_latent, text_tokens)
+        _check_liftable(base.model)
+        graphs: dict[tuple[int, str], onnx.ModelProto] = {}
+        with WeightStore(staging / WEIGHTS_FILE, external_threshold_bytes) as store:
+            store.externalize(base.model)
+            specs = {name: prepare_layer(store, name, layer, base.input_ranks[name])
+                     for name, layer in tqdm(layers.items(), desc="quantized weights", disable=not progress)}
+            factors = HadamardFactors(store)
+            jobs = [(k, fl) for k in range(len(plan.segments)) for fl in flavours]
+            for k, fl in tqdm(jobs, desc="segment graphs", disable=not progress):
+                graphs[k, fl] = rewrite_segment(base.model, specs, k, fl, opset, factors)
+        weights_sha = store.sha256
+        exports = []
+        for k, (start, end) in enumerate(plan.segments):
+            seg = SegmentExport(index=k, steps=(start, end), timesteps=list(plan.timesteps[start:end]),
+                                weights=out_dir / WEIGHTS_FILE, weights_sha256=weights_sha)
+            for lp in plan.layers:
+                seg.act_bits[lp.act_bits[k]] = seg.act_bits.get(lp.act_bits[k], 0) + 1
+            for fl in flavours:
+                name = graph_file_name(k, fl)
+                text = graphs.pop((k, fl)).SerializeToString()
+                atomic_write(staging / name, lambda tmp, data=text: Path(tmp).write_bytes(data))
+                check_onnx(staging / name)
+                if fl == "trt":
+                    check_trt(staging / name)
+                seg.graphs[fl] = out_dir / name
+                seg.graph_sha256[fl] = sha256_file(staging / name)
+            exports.append(seg)
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return exports

@@ -1,0 +1,130 @@
+"""Trace the transformer to ONNX with one opaque placeholder node per QuantLinear.
+
+The placeholder graph is the same for every timestep segment and flavour: only the rewrite of its
+placeholders differs (see graph_rewrite). So the TorchScript exporter runs once per export, and the
+quantized weights never pass through it (they are written straight into the external-data file).
+
+Each QuantLinear is temporarily swapped for `PlaceholderLinear`, whose forward calls an autograd
+Function with a `symbolic`: in eager mode it runs the real layer (so the traced values stay
+meaningful), in the exported graph it becomes `PLACEHOLDER_DOMAIN::QuantLinear(x)` with the layer
+name as attribute.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Iterator
+
+import onnx
+import torch
+import torch.nn as nn
+
+from ..calibration.qlinear import QuantLinear, segment_scope
+
+PLACEHOLDER_DOMAIN = "qdit4sr.placeholder"
+PLACEHOLDER_OP = "QuantLinear"
+# The TorchScript exporter's newest opset; the rewrite lifts the graph to the requested opset (>= 21).
+BASE_OPSET = 20
+INPUT_NAMES = ("hidden_states", "controlnet_image", "encoder_hidden_states", "pooled_projections", "timestep")
+OUTPUT_NAME = "velocity"
+BATCH_AXIS = "batch"
+
+
+class _PlaceholderFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stub: "PlaceholderLinear") -> torch.Tensor:
+        # The tracer records this Function as one node; run the real layer untraced, or its Python
+        # code would see traced sizes (tensors) instead of ints.
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            return stub.layer(x)
+        finally:
+            torch._C._set_tracing_state(state)
+
+    @staticmethod
+    def symbolic(g, x, stub: "PlaceholderLinear"):
+        y = g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", x, layer_s=stub.layer_name)
+        sizes = x.type().varyingSizes()
+        if sizes is not None:  # rank known: declare it so the exporter's own inference can continue
+            y.setType(x.type().with_sizes(list(sizes[:-1]) + [stub.out_features]))
+        return y
+
+
+class PlaceholderLinear(nn.Module):
+    """Stands in for a QuantLinear during tracing; records the rank of its input."""
+
+    def __init__(self, name: str, layer: QuantLinear):
+        super().__init__()
+        self.layer_name = name
+        self.out_features = layer.out_features
+        self.input_rank: int | None = None
+        # Not registered as a submodule: its buffers must not become initializers of the traced graph.
+        object.__setattr__(self, "layer", layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.input_rank = x.dim()
+        return _PlaceholderFn.apply(x, self)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+@contextlib.contextmanager
+def placeholders(model: nn.Module, layers: dict[str, QuantLinear]) -> Iterator[dict[str, PlaceholderLinear]]:
+    """Swap the given QuantLinear layers for placeholders; always restores the model."""
+    stubs = {name: PlaceholderLinear(name, layer) for name, layer in layers.items()}
+    try:
+        for name, stub in stubs.items():
+            _set_module(model, name, stub)
+        yield stubs
+    finally:
+        for name, layer in layers.items():
+            _set_module(model, name, layer)
+
+
+def example_inputs(config, tile_latent: int, text_tokens: int, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """Deterministic example inputs with the graph's static shapes (batch 2 so no batch-1 shortcut is traced)."""
+    gen = torch.Generator().manual_seed(0)
+    c = config.in_channels
+    x = torch.randn(batch, c, tile_latent, tile_latent, generator=gen)
+    return (x, torch.randn(batch, c, tile_latent, tile_latent, generator=gen),
+            torch.randn(batch, text_tokens, config.joint_attention_dim, generator=gen),
+            torch.randn(batch, config.pooled_projection_dim, generator=gen),
+            torch.full((batch,), 500.0))
+
+
+@dataclass
+class BaseGraph:
+    """The traced placeholder graph plus what the rewrite needs to know about each placeholder."""
+
+    model: onnx.ModelProto
+    input_ranks: dict[str, int]
+
+
+@torch.no_grad()
+def trace_base_graph(model: nn.Module, layers: dict[str, QuantLinear], tile_latent: int,
+                     text_tokens: int) -> BaseGraph:
+    """Export the transformer once with placeholders; dynamic batch, every other axis static."""
+    args = example_inputs(model.config, tile_latent, text_tokens)
+    buffer = io.BytesIO()
+    dynamic = {name: {0: BATCH_AXIS} for name in (*INPUT_NAMES, OUTPUT_NAME)}
+    was_training = model.training
+    model.eval()
+    try:
+        # Segment 0 only feeds the eager values that tracing carries along; the graph does not depend on it.
+        with placeholders(model, layers) as stubs, segment_scope(0):
+            torch.onnx.export(model, args, buffer, dynamo=False, opset_version=BASE_OPSET,
+                              input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], dynamic_axes=dynamic,
+                              custom_opsets={PLACEHOLDER_DOMAIN: 1}, do_constant_folding=True)
+            ranks = {name: stub.input_rank for name, stub in stubs.items()}
+    finally:
+        model.train(was_training)
+    uncalled = sorted(name for name, rank in ranks.items() if rank is None)
+    if uncalled:
+        raise ValueError(f"{len(uncalled)} quantized layers are never called by the forward, e.g. {uncalled[:3]}")
+    proto = onnx.load_model_from_string(buffer.getvalue())
+    return BaseGraph(proto, {name: int(rank) for name, rank in ranks.items()})

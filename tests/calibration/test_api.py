@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from qdit4sr.calibration.api import quantize_, quantized_layers
+from qdit4sr.calibration.layers import example_inputs, used_linears
+from qdit4sr.calibration.plan import BitPlan, QDiT4SRConfig
+from qdit4sr.calibration.qlinear import segment_scope
+from qdit4sr.calibration.stats import CalibrationConfig, collect_activation_stats
+from qdit4sr.models.latents import PixelUnshuffleCodec
+from qdit4sr.models.pipeline import DiT4SRPipeline, PipelineConfig
+from qdit4sr.models.transformer import DiT4SRTransformer2DModel
+from tests.conftest import micro_inputs, randomize
+
+PIPE = PipelineConfig(num_inference_steps=6, shift=1.0, guidance_scale=1.0, tile_size=8, tile_overlap=2,
+                      min_lr_side=4, color_fix="none")
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    from tests.conftest import MICRO_CONFIG
+
+    model = randomize(DiT4SRTransformer2DModel(**MICRO_CONFIG)).eval()
+    pipe = DiT4SRPipeline(model, PixelUnshuffleCodec(), PIPE)
+    layers = used_linears(model, example_inputs(model))
+    stats = collect_activation_stats(pipe, layers, CalibrationConfig(num_images=4, lr_crop=4, batch_size=4),
+                                     progress=False)
+    return MICRO_CONFIG, model.state_dict(), stats
+
+
+def _fresh(calibrated):
+    config, state, _ = calibrated
+    model = DiT4SRTransformer2DModel(**config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _output_error(calibrated, qconfig, segment=0):
+    config, _, stats = calibrated
+    ref_model, model = _fresh(calibrated), _fresh(calibrated)
+    plan = quantize_(model, qconfig, stats, progress=False)
+    inputs = micro_inputs(config)
+    with torch.no_grad(), segment_scope(segment):
+        ref, out = ref_model(*inputs), model(*inputs)
+    return float((out - ref).norm() / ref.norm()), plan, model
+
+
+def test_replaces_every_calibrated_layer_and_meets_budgets(calibrated):
+    _, _, stats = calibrated
+    err, plan, model = _output_error(calibrated, QDiT4SRConfig.preset("qdit4sr", "w4a4", num_segments=3))
+    assert set(quantized_layers(model)) == set(stats.layers)
+    assert plan.mean_weight_bits() == pytest.approx(4.0)        # VaSMP meets the weighted budget exactly
+    assert (plan.act_bits_grid().mean(axis=1) <= 4.0 + 1e-9).all()  # VaTMP: per-layer budget over steps
+    assert len(plan.segments) <= 3
+    assert BitPlan.from_json(plan.to_json()).to_json() == plan.to_json()
+    assert err < 0.5
+
+
+def test_high_precision_is_close_to_full_precision(calibrated):
+    err, _, _ = _output_error(calibrated, QDiT4SRConfig.preset("rtn", "w8a8"))
+    assert err < 0.03, err
+
+
+def test_weight_only_error_shrinks_with_branches(calibrated):
+    errors = {name: _output_error(calibrated, QDiT4SRConfig.preset(name, "w3a16", rank=8))[0]
+              for name in ("rtn", "svdquant", "hsvd")}
+    assert errors["svdquant"] < errors["rtn"]
+    assert errors["hsvd"] < errors["svdquant"]
+
+
+def test_stats_for_unknown_layers_are_refused(calibrated):
+    _, _, stats = calibrated
+    from dataclasses import replace
+
+    bad = replace(stats, layers=["transformer_blocks.0.nope"] + stats.layers[1:])
+    with pytest.raises(ValueError, match="lacks"):
+        quantize_(_fresh(calibrated), QDiT4SRConfig(), bad, progress=False)

@@ -1,0 +1,396 @@
+"""ONNX export: the portable graphs compute what the torch fake-quant model computes, the graphs pass the
+ONNX checker, polygraphy's lint and the TensorRT lint, weights are really INT4/INT8, and the shared
+weights file is written once."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from qdit4sr.calibration.api import quantized_layers
+from qdit4sr.calibration.hadamard import apply_hadamard, apply_hadamard_transpose, rotate_weight
+from qdit4sr.calibration.qlinear import NO_ACT_QUANT, QuantLinear, segment_scope
+from qdit4sr.calibration.quantizer import WeightQuantConfig, qmax, quantize_weight
+from qdit4sr.exporter import contract, graph_checks, onnx_export
+from qdit4sr.exporter.external_data import WEIGHTS_FILE, WeightStore
+from qdit4sr.exporter.graph_rewrite import HadamardFactors, prepare_layer, rewrite_segment
+from qdit4sr.exporter.onnx_export import export_segments
+from qdit4sr.exporter.placeholder import INPUT_NAMES, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
+from qdit4sr.exporter.trt_lint import lint_model
+from tests.conftest import MICRO_CONFIG, micro_inputs
+from tests.exporter.micro_export import TILE, TOKENS, quantized_micro, single_thread
+
+# Float32 ops in another order: ~1e-7 relative per op. Per layer (inputs kept away from rounding ties)
+# the graph must agree to 1e-5 of the output's scale; see _compare_model for the whole transformer.
+LAYER_RTOL = 1e-5
+MODEL_RTOL = 1e-5
+# A Q/DQ rounding tie (x/s within float error of k + 1/2) may round differently in torch and onnxruntime,
+# moving that activation by one step; its effect through the later layers stays below this.
+MODEL_TIE_RTOL = 1e-2
+TIE_MARGIN = 1e-2  # |frac(x/s) - 1/2| below this (in code units) counts as a tie
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------- one layer
+
+def _quant_layer(out_f, in_f, *, w_bits, group, act_bits, scales, hadamard, rank=0, blocks=None, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen) * 0.1
+    residual = quantize_weight(rotate_weight(w) if hadamard else w, WeightQuantConfig(bits=w_bits, group_size=group))
+    branches = {}
+    if rank:
+        branches.update(down=torch.randn(rank, in_f, generator=gen) * 0.1, up=torch.randn(out_f, rank, generator=gen) * 0.1)
+    if blocks:
+        s_o, s_i = blocks
+        p, q = out_f // s_o, in_f // s_i
+        branches.update(block_sigma=torch.rand(p, q, generator=gen) + 0.5, block_u=torch.randn(p, q, s_o, generator=gen) * 0.2,
+                        block_v=torch.randn(p, q, s_i, generator=gen) * 0.2)
+    b = torch.randn(out_f, generator=gen) if bias else None
+    return QuantLinear(residual, b, hadamard=hadamard, act_bits=list(act_bits), act_scales=list(scales),
+                       segment_of_step=list(range(len(act_bits))), **branches)
+
+
+def _tie_free_input(layer: QuantLinear, segment: int, lead: tuple[int, ...], seed: int) -> torch.Tensor:
+    """x whose rotated values sit at least 0.1 step away from every rounding tie of the segment's quantizer."""
+    gen = torch.Generator().manual_seed(seed)
+    bits, s = layer.act_bits[segment], layer.act_scales[segment]
+    if bits >= NO_ACT_QUANT:
+        x_h = torch.randn(*lead, layer.in_features, generator=gen, dtype=torch.float64)
+    else:
+        q = qmax(bits)
+        codes = torch.randint(-q - 2, q + 3, (*lead, layer.in_features), generator=gen)  # some beyond the clip
+        x_h = (codes + (torch.rand(codes.shape, generator=gen, dtype=torch.float64) - 0.5) * 0.8) * s
+    return (apply_hadamard_transpose(x_h) if layer.hadamard else x_h).float()
+
+
+def _single_layer_graph(layer: QuantLinear, rank: int, folder: Path, segment: int, flavour: str) -> Path:
+    """The rewrite of a graph holding nothing but one placeholder."""
+    name = "layer"
+    dims = ["batch", 5][: rank - 1] + [layer.in_features]
+    graph = helper.make_graph(
+        [helper.make_node(PLACEHOLDER_OP, ["x"], ["y"], domain=PLACEHOLDER_DOMAIN, layer=name)], "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    base = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(PLACEHOLDER_DOMAIN, 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    with WeightStore(folder / WEIGHTS_FILE, threshold_bytes=256) as store:
+        spec = prepare_layer(store, name, layer, rank)
+        model = rewrite_segment(base, {name: spec}, segment, flavour, 21, HadamardFactors(store))
+    path = folder / f"{flavour}_{segment}.onnx"
+    onnx.save(model, path)
+    return path
+
+
+LAYER_CASES = {
+    # INT4 groups of 64, A4 then A6, Hadamard 2^7, low-rank and block rank-1 branches, rank-3 input
+    "w4g64_a4a6_hsvd": dict(shape=(96, 128), input_rank=3, w_bits=4, group=64, act_bits=(4, 6), scales=(0.3, 0.05),
+                            hadamard=True, rank=8, blocks=(32, 32)),
+    # INT8 container for 6-bit per-channel codes, A8, Paley x Sylvester Hadamard (96 = 12 * 8), rank-2 input
+    "w6perchannel_a8_svd_paley": dict(shape=(64, 96), input_rank=2, w_bits=6, group=None, act_bits=(8,),
+                                      scales=(0.02,), hadamard=True, rank=4),
+    # 3-bit codes in INT4, no rotation, A16 (no Q/DQ) then A2, blocks only, no bias
+    "w3_a16a2_blocks_nobias": dict(shape=(48, 64), input_rank=3, w_bits=3, group=64, act_bits=(16, 2),
+                                   scales=(1.0, 0.4), hadamard=False, blocks=(16, 16), bias=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_one_layer_matches_quantlinear(case, tmp_path):
+    c = dict(LAYER_CASES[case])
+    out_f, in_f = c.pop("shape")
+    rank = c.pop("input_rank")
+    layer = _quant_layer(out_f, in_f, **c)
+    lead = (3, 5)[: rank - 1]
+    for k in range(len(layer.act_bits)):
+        path = _single_layer_graph(layer, rank, tmp_path / case, k, "portable")
+        x = _tie_free_input(layer, k, lead, seed=k)
+        with torch.no_grad(), segment_scope(k):
+            ref = layer(x).numpy()
+        got = _session(path).run(None, {"x": x.numpy()})[0]
+        scale = float(np.abs(ref).max())
+        assert got.shape == ref.shape
+        err = float(np.abs(got - ref).max())
+        assert err <= LAYER_RTOL * scale, (case, k, err / scale)
+        # The check can fail: another segment's settings (or a missing branch) are far outside the tolerance.
+        with torch.no_grad(), segment_scope(len(layer.act_bits) - 1 - k):
+            other = layer(x).numpy()
+        if len(layer.act_bits) > 1:
+            assert np.abs(other - ref).max() > 100 * LAYER_RTOL * scale
+        assert np.abs(got - (ref - layer.branch(apply_hadamard(x) if layer.hadamard else x).numpy())).max() \
+            > 100 * LAYER_RTOL * scale
+
+
+def test_one_layer_trt_flavour_uses_the_plugin_contract(tmp_path):
+    c = dict(LAYER_CASES["w4g64_a4a6_hsvd"])
+    out_f, in_f = c.pop("shape")
+    rank = c.pop("input_rank")
+    path = _single_layer_graph(_quant_layer(out_f, in_f, **c), rank, tmp_path, 0, "trt")
+    assert lint_model(path) == []
+    model = onnx.load(path, load_external_data=False)
+    plugins = {n.op_type: n for n in model.graph.node if n.domain == contract.DOMAIN}
+    assert set(plugins) == {"LowRankBranch", "BlockRank1Branch"}
+    attrs = {a.name: helper.get_attribute_value(a) for a in plugins["BlockRank1Branch"].attribute}
+    assert attrs["block_out"] == 32 and attrs["block_in"] == 32 and attrs["aot"] == 1
+    assert attrs["in_features"] == in_f and attrs["out_features"] == out_f
+    assert any(o.domain == contract.DOMAIN for o in model.opset_import)
+
+
+# ----------------------------------------------------------------------------- whole transformer
+
+W4A4_BOOST = ("transformer_blocks.1.ff.net.2", "transformer_blocks.0.attn.to_out.0")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Three quantized micro models, each exported once: {case: (quantized, exports, folder)}."""
+    cases = {
+        # W4A4 H-SVD with VaSMP (two boosted layers get wider weights) and VaTMP segments
+        "w4a4_hsvd": (dict(preset="qdit4sr", precision="w4a4", rank=8, num_segments=2, boost=W4A4_BOOST), "both"),
+        "w8a8_rtn": (dict(preset="rtn", precision="w8a8"), "portable"),
+        "w4a6_svd_per_channel": (dict(preset="svdquant", precision="w4a6", rank=8, group_size=None), "both"),
+    }
+    out = {}
+    for name, (kwargs, flavour) in cases.items():
+        q = quantized_micro(kwargs.pop("preset"), kwargs.pop("precision"), **kwargs)
+        folder = tmp_path_factory.mktemp(name) / "export"
+        with single_thread():
+            exports = export_segments(q.model, q.plan, folder, TILE, TOKENS, flavour=flavour, progress=False)
+        out[name] = (q, exports, folder)
+    return out
+
+
+def test_w4a4_fixture_has_segments_and_mixed_weight_bits(exported):
+    q, exports, _ = exported["w4a4_hsvd"]
+    assert len(exports) == len(q.plan.segments) >= 2
+    bits = q.plan.weight_bits()
+    assert bits.min() <= 4 < bits.max()  # INT4 and INT8 containers in the same graph
+    assert all(l.rank == 8 and l.block_shape for l in q.plan.layers)
+
+
+def _graph_with_code_outputs(path: Path) -> Path:
+    """A copy of the graph (same folder, so the weights resolve) that also outputs every QuantizeLinear."""
+    model = onnx.load(path, load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            model.graph.output.append(helper.make_tensor_value_info(node.output[0], TensorProto.INT8, None))
+    probe = path.with_name(path.stem + ".probe.onnx")
+    onnx.save(model, probe)
+    return probe
+
+
+def _torch_codes(model, inputs, segment):
+    """Reference output plus, per layer, its activation codes and x/s as the torch fake-quant computes them."""
+    seen = {}
+
+    def hook(mod, args, name):
+        bits, s = mod.act_bits[segment], mod.act_scales[segment]
+        if bits < NO_ACT_QUANT:
+            r = ((apply_hadamard(args[0]) if mod.hadamard else args[0]) / s).double()
+            seen[name] = (torch.clamp(torch.round(r), -qmax(bits), qmax(bits)).numpy(), r.numpy())
+
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n)) for n, m in quantized_layers(model).items()]
+    try:
+        with torch.no_grad(), segment_scope(segment):
+            ref = model(*inputs).numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    return ref, seen
+
+
+def _compare_model(q, path: Path, segment: int, batch: int) -> dict:
+    """Run the graph and the torch model; return the error stats and the activation-code disagreements.
+
+    Every code disagreement must sit at a rounding tie. With none, the outputs agree to MODEL_RTOL;
+    with some, to MODEL_TIE_RTOL (one step moved on a tie, propagated through the later layers).
+    """
+    inputs = micro_inputs(MICRO_CONFIG, batch=batch, size=TILE, tokens=TOKENS, seed=3)
+    ref, torch_codes = _torch_codes(q.model, inputs, segment)
+    probe = _graph_with_code_outputs(path)
+    try:
+        session = _session(probe)
+    finally:
+        probe.unlink()
+    names = [o.name for o in session.get_outputs()]
+    results = dict(zip(names, session.run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})))
+    mismatches, total = 0, 0
+    for out_name, codes in results.items():
+        if out_name == "velocity":
+            continue
+        layer = out_name.split("/")[0]
+        expected, ratio = torch_codes[layer]
+        differ = codes != expected
+        total += codes.size
+        mismatches += int(differ.sum())
+        tie_distance = np.abs(ratio - np.floor(ratio) - 0.5)[differ]
+        assert (tie_distance < TIE_MARGIN).all(), f"{layer}: codes differ away from a rounding tie"
+    got = results["velocity"]
+    assert got.shape == ref.shape
+    scale = float(np.abs(ref).max())
+    rel = float(np.abs(got - ref).max()) / scale
+    assert mismatches <= 1e-3 * total
+    assert rel <= (MODEL_RTOL if mismatches == 0 else MODEL_TIE_RTOL), (rel, mismatches)
+    return {"rel_err": rel, "code_mismatches": mismatches, "codes": total}
+
+
+@pytest.mark.parametrize("case", ["w4a4_hsvd", "w8a8_rtn", "w4a6_svd_per_channel"])
+def test_portable_graphs_match_the_fake_quant_model(exported, case):
+    q, exports, _ = exported[case]
+    for seg in exports:
+        for batch in (2, 1):  # dynamic batch
+            stats = _compare_model(q, seg.graphs["portable"], seg.index, batch)
+            assert stats["codes"] > 0
+
+
+def test_segments_differ_more_than_the_tolerance(exported):
+    """Guards against a test that cannot fail: the two segments' torch outputs are far apart."""
+    q, exports, _ = exported["w4a4_hsvd"]
+    inputs = micro_inputs(MICRO_CONFIG, batch=2, size=TILE, tokens=TOKENS, seed=3)
+    with torch.no_grad():
+        outs = []
+        for seg in exports:
+            with segment_scope(seg.index):
+                outs.append(q.model(*inputs).numpy())
+    assert np.abs(outs[0] - outs[1]).max() > 100 * MODEL_RTOL * np.abs(outs[0]).max()
+
+
+def test_graphs_pass_the_checker_and_the_lints(exported):
+    for case, (_, exports, _) in exported.items():
+        for seg in exports:
+            for flavour, path in seg.graphs.items():
+                onnx.checker.check_model(str(path), full_check=True)
+                if flavour == "trt":
+                    assert lint_model(path) == [], (case, seg.index)
+                    model = onnx.load(path, load_external_data=False)
+                    ops = {n.op_type for n in model.graph.node if n.domain == contract.DOMAIN}
+                    assert "LowRankBranch" in ops and all(n.domain in ("", contract.DOMAIN) for n in model.graph.node)
+    report = graph_checks.polygraphy_lint(exported["w4a4_hsvd"][1][0].graphs["portable"])
+    assert report.passed, report.errors
+
+
+def _initializers(path: Path) -> dict[str, TensorProto]:
+    return {t.name: t for t in onnx.load(path, load_external_data=False).graph.initializer}
+
+
+@pytest.mark.parametrize("case", ["w4a4_hsvd", "w8a8_rtn", "w4a6_svd_per_channel"])
+def test_weights_are_really_int4_or_int8(exported, case):
+    q, exports, folder = exported[case]
+    model = onnx.load(exports[0].graphs["portable"])  # with the external data, to read the codes back
+    inits = {t.name: t for t in model.graph.initializer}
+    layers = quantized_layers(q.model)
+    for lp in q.plan.layers:
+        t = inits[f"{lp.name}.qweight"]
+        assert t.data_type == (TensorProto.INT4 if lp.weight_bits <= 4 else TensorProto.INT8), lp.name
+        assert list(t.dims) == [lp.in_features, lp.out_features]
+        codes = numpy_helper.to_array(t).astype(np.int8)
+        assert np.array_equal(codes, layers[lp.name].qweight.numpy().T), lp.name
+        assert np.abs(codes).max() <= qmax(lp.weight_bits)
+    if case == "w4a4_hsvd":
+        sizes = {t.data_type for n, t in inits.items() if n.endswith(".qweight")}
+        assert sizes == {TensorProto.INT4, TensorProto.INT8}
+
+
+def test_shared_weights_file_is_written_once(exported):
+    q, exports, folder = exported["w4a4_hsvd"]
+    files = sorted(p.name for p in folder.iterdir())
+    graphs = [p for seg in exports for p in seg.graphs.values()]
+    assert len(graphs) == 4 and files == sorted([WEIGHTS_FILE] + [p.name for p in graphs])
+    placements: dict[str, tuple] = {}
+    external_bytes = []
+    for path in graphs:
+        ext = 0
+        for name, t in _initializers(path).items():
+            if t.data_location != TensorProto.EXTERNAL:
+                assert len(t.raw_data) < 1024, name  # only small constants stay inline
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            assert info["location"] == WEIGHTS_FILE
+            where = (info["offset"], info["length"])
+            assert placements.setdefault(name, where) == where, name  # same offsets in every graph
+            ext += int(info["length"])
+        external_bytes.append(ext)
+    weights = (folder / WEIGHTS_FILE).stat().st_size
+    # One copy: at most one graph's external bytes (content dedupe can only shrink it) plus alignment.
+    assert weights <= max(external_bytes) + 64 * len(placements)
+    assert sum(external_bytes) > 3 * weights
+    assert exports[0].weights_sha256 == exports[1].weights_sha256
+    # The residue codes are 4 bits for most layers: far smaller than the fp32 weights they replace.
+    fp32 = sum(4 * l.in_features * l.out_features for l in q.plan.layers)
+    codes = sum(int({e.key: e.value for e in t.external_data}["length"])
+                for n, t in _initializers(graphs[0]).items() if n.endswith(".qweight"))
+    assert codes < fp32 / 5
+
+
+# ----------------------------------------------------------------------------- validation
+
+@pytest.fixture(scope="module")
+def rtn(tmp_path_factory):
+    return quantized_micro("rtn", "w8a8")
+
+
+def test_rejects_plans_that_do_not_match_the_model(rtn, tmp_path):
+    plan = rtn.plan
+    fewer = dataclasses.replace(plan, layers=plan.layers[1:])
+    with pytest.raises(ValueError, match="plan and model disagree"):
+        export_segments(rtn.model, fewer, tmp_path / "a", TILE, TOKENS)
+    renamed = dataclasses.replace(plan, layers=[dataclasses.replace(plan.layers[0], name="nope")] + plan.layers[1:])
+    with pytest.raises(ValueError, match="missing in model: \\['nope'\\]"):
+        export_segments(rtn.model, renamed, tmp_path / "b", TILE, TOKENS)
+    other_bits = dataclasses.replace(plan, layers=[dataclasses.replace(plan.layers[0], act_bits=[6])] + plan.layers[1:])
+    with pytest.raises(ValueError, match="activation bits"):
+        export_segments(rtn.model, other_bits, tmp_path / "c", TILE, TOKENS)
+    from qdit4sr.models.transformer import DiT4SRTransformer2DModel
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        export_segments(DiT4SRTransformer2DModel(**MICRO_CONFIG), plan, tmp_path / "d", TILE, TOKENS)
+    assert not any(tmp_path.iterdir())  # validation happens before anything is written
+
+
+def test_rejects_bad_tiles_flavours_and_folders(rtn, tmp_path):
+    max_tile = MICRO_CONFIG["pos_embed_max_size"] * MICRO_CONFIG["patch_size"]
+    for tile, match in ((7, "multiple of the patch size"), (max_tile + 2, "pos_embed_max_size"), (0, "positive")):
+        with pytest.raises(ValueError, match=match):
+            export_segments(rtn.model, rtn.plan, tmp_path / "x", tile, TOKENS)
+    with pytest.raises(ValueError, match="flavour"):
+        export_segments(rtn.model, rtn.plan, tmp_path / "x", TILE, TOKENS, flavour="tensorrt")
+    with pytest.raises(ValueError, match="opset"):
+        export_segments(rtn.model, rtn.plan, tmp_path / "x", TILE, TOKENS, opset=17)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="cannot write|not a folder"):
+        export_segments(rtn.model, rtn.plan, blocker / "out", TILE, TOKENS)
+    with pytest.raises(ValueError, match="not a folder"):
+        export_segments(rtn.model, rtn.plan, blocker, TILE, TOKENS)
+
+
+def test_failed_export_leaves_nothing_behind(rtn, tmp_path, monkeypatch):
+    def broken(path):
+        raise ValueError("checker says no")
+
+    monkeypatch.setattr(onnx_export, "check_onnx", broken)
+    with pytest.raises(ValueError, match="checker says no"), single_thread():
+        export_segments(rtn.model, rtn.plan, tmp_path / "out", TILE, TOKENS, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither out nor the staging folder
+
+
+def test_export_into_an_existing_folder_keeps_other_files(rtn, tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "README.txt").write_text("kept")
+    with single_thread():
+        exports = export_segments(rtn.model, rtn.plan, folder, TILE, TOKENS, flavour="trt", progress=False)
+    assert sorted(os.listdir(folder)) == ["README.txt", "segment_00.trt.onnx", WEIGHTS_FILE]
+    assert exports[0].graphs == {"trt": folder / "segment_00.trt.onnx"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
