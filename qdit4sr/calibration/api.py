@@ -135,3 +135,40 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+_BUFFERS = ("qweight", "weight_scales", "bias", "up", "down", "block_sigma", "block_u", "block_v")
+
+
+def save_quantized(model: nn.Module, path) -> None:
+    """The quantized layers' tensors (integer residues, scales, branches, biases) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    from ..models.loading import atomic_write
+
+    tensors = {f"{name}.{b}": getattr(m, b).contiguous() for name, m in quantized_layers(model).items()
+               for b in _BUFFERS if getattr(m, b) is not None}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+@torch.no_grad()
+def load_quantized_(model: nn.Module, plan: BitPlan, path) -> None:
+    """Rebuild the QuantLinear layers of `plan` in an unquantized model from `save_quantized` output."""
+    from safetensors.torch import load_file
+
+    from .quantizer import QuantizedWeight
+
+    tensors = load_file(str(path))
+    linears = quantizable_linears(model)
+    segment_of_step = plan.segment_of_step()
+    for lp in plan.layers:
+        if lp.name not in linears:
+            raise ValueError(f"the bit plan names {lp.name}, which the model lacks")
+        get = lambda b: tensors.get(f"{lp.name}.{b}")  # noqa: E731
+        if get("qweight") is None or tuple(get("qweight").shape) != (lp.out_features, lp.in_features):
+            raise ValueError(f"quantized state has no valid residue for {lp.name}")
+        residual = QuantizedWeight(get("qweight"), get("weight_scales"), lp.weight_bits, plan.config.group_size)
+        _set_module(model, lp.name, QuantLinear(
+            residual, get("bias"), hadamard=plan.config.hadamard, act_bits=lp.act_bits, act_scales=lp.act_scales,
+            segment_of_step=segment_of_step, up=get("up"), down=get("down"), block_sigma=get("block_sigma"),
+            block_u=get("block_u"), block_v=get("block_v")))

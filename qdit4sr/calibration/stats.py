@@ -96,7 +96,7 @@ class _Recorder:
             h.remove()
 
 
-def calibration_images(config: CalibrationConfig, lr_crop: int) -> list[np.ndarray]:
+def calibration_images(config: CalibrationConfig, lr_crop: int) -> list[torch.Tensor]:
     """Deterministic LR crops (x4-degraded) from the training photos; held-out photos stay unseen."""
     rng = np.random.default_rng(config.seed)
     photos = [load_photo(n) for n in TRAIN_PHOTOS]
@@ -113,14 +113,20 @@ def calibration_images(config: CalibrationConfig, lr_crop: int) -> list[np.ndarr
 
 @torch.no_grad()
 def collect_activation_stats(pipeline, layers: dict[str, torch.nn.Module], config: CalibrationConfig = CalibrationConfig(),
-                             progress: bool = True) -> ActivationStats:
-    """Run the sampler on the calibration crops and record per-step statistics of every layer's input."""
+                             progress: bool = True, images: list[torch.Tensor] | None = None) -> ActivationStats:
+    """Run the sampler on the calibration crops and record per-step statistics of every layer's input.
+
+    `images` (LR crops [1, 3, h, w] of one size) replace the bundled-photo crops when given.
+    """
     tile_px = pipeline.config.tile_size * pipeline.codec.downsample
     lr_crop = config.lr_crop or tile_px // config.scale
     timesteps = pipeline.sampler_timesteps()
     recorder = _Recorder(layers, len(timesteps), config.hadamard)
     try:
-        images = calibration_images(config, lr_crop)
+        if images is None:
+            images = calibration_images(config, lr_crop)
+        if not images or len({tuple(im.shape) for im in images}) != 1:
+            raise ValueError("calibration needs at least one image, all crops of the same size")
         batches = [torch.cat(images[i:i + config.batch_size]) for i in range(0, len(images), config.batch_size)]
         for i, lr in enumerate(tqdm(batches, desc="calibration", disable=not progress)):
             cond = resize_bicubic(lr, lr.shape[-2] * config.scale, lr.shape[-1] * config.scale)

@@ -6,7 +6,7 @@ Per placeholder with input x [..., K] and output y [..., N] (r = rank of x):
                     (x H with H = kron(A, B), exactly `apply_hadamard`; factors of size 1 are skipped)
     act. quant      Clip(x_H, -qmax_b*s, qmax_b*s) -> QuantizeLinear(s, int8 0) -> DequantizeLinear(s, int8 0)
                     (none when the segment's bits are 16)
-    residue         DequantizeLinear(codes [K, N], scale) -> MatMul(x_q, W) -> Add(bias)
+    residue         DequantizeLinear(codes [K, N], scale) [-> Reshape, see below] -> MatMul(x_q, W) -> Add(bias)
     branches        portable: LowRankBranch as MatMul(MatMul(x_H, down^T), up^T); BlockRank1Branch as
                     Reshape [.., Q, 1, s_i] -> MatMul(v^T [Q, s_i, P]) -> Transpose [.., P, 1, Q] -> Mul(sigma)
                     -> MatMul(u [P, Q, s_o]) -> Reshape [.., N];  trt: the qdit4sr plugin nodes of `contract`
@@ -22,9 +22,14 @@ Weights are really quantized: codes of layers with <= 4 bits are INT4 initialize
 along K (scale [K/G, N]) or per output channel (scale [N]) when the layer has no groups. TensorRT
 runs INT4 weights only block-wise with blocks of 64 or 128, so the trt flavour writes a per-channel
 INT4 weight as blocks of 64 (or 128) that repeat the channel's scale: the same numbers, a layout it
-accepts. Weight tensors are laid out as the contract expects (down [R, K], up [N, R], sigma [P, Q],
+accepts. onnxruntime (seen with 1.32) fuses an activation Q/DQ + INT8 weight DQ + MatMul into
+MatMulIntegerToFloat at ORT_ENABLE_EXTENDED and above without honouring block_size, and then fails at
+run time; so the portable flavour writes a blocked INT8 weight as [K/G, G, N] dequantized along axis 1
+(scale [K/G, 1, N]) followed by a Reshape to [K, N]: the same bytes and numbers, a pattern that fusion
+leaves alone. Weight tensors are laid out as the contract expects (down [R, K], up [N, R], sigma [P, Q],
 u [P, Q, s_o], v [P, Q, s_i]) in both flavours, so one copy in the external-data file serves both;
-the portable flavour transposes them with constant-folded Transpose nodes.
+the portable flavour transposes them with Transpose nodes on the constants (onnxruntime folds them
+when the session is created).
 """
 from __future__ import annotations
 
@@ -55,10 +60,11 @@ IR_VERSION = 10  # the IR version that introduced opset 21 (INT4); every current
 class WeightDQ:
     """A quantized weight and how to dequantize it."""
 
-    codes: TensorProto          # [K, N] INT4 or INT8
-    scale: TensorProto          # [K/G, N] (blocked) or [N] (per axis)
+    codes: TensorProto          # [K, N] INT4 or INT8 ([K/G, G, N] when `reshape` is set)
+    scale: TensorProto          # [K/G, N] (blocked), [N] (per axis) or [K/G, 1, N]
     axis: int
     block_size: int             # 0 = per-axis
+    reshape: tuple[int, int] | None = None  # Reshape the dequantized weight to [K, N]
 
 
 @dataclass
@@ -102,8 +108,14 @@ def _weight_dq(store: WeightStore, layer: QuantLinear, name: str) -> dict[str, W
     codes_proto = _int_codes(store, f"{name}.qweight", codes, bits)
     k = layer.in_features
     if layer.group_size is not None:
-        dq = WeightDQ(codes_proto, store.array(f"{name}.weight_scale", scales.T.copy()), 0, layer.group_size)
-        return {"portable": dq, "trt": dq}
+        g, n = layer.group_size, layer.out_features
+        dq = WeightDQ(codes_proto, store.array(f"{name}.weight_scale", scales.T.copy()), 0, g)
+        if bits <= 4:
+            return {"portable": dq, "trt": dq}
+        # Same bytes as the 2-D tensors, so the store keeps one copy for both flavours.
+        codes_3d = store.array(f"{name}.qweight", codes.reshape(k // g, g, n).astype(np.int8))
+        scale_3d = store.array(f"{name}.weight_scale", scales.T.reshape(k // g, 1, n).copy())
+        return {"portable": WeightDQ(codes_3d, scale_3d, 1, g, (k, n)), "trt": dq}
     per_axis = WeightDQ(codes_proto, store.array(f"{name}.weight_scale", scales[:, 0].copy()), 1, 0)
     block = next((b for b in TRT_INT4_BLOCKS if k % b == 0), None)
     if bits > 4 or block is None:
@@ -210,6 +222,8 @@ def _residue(b: _Builder, spec: LayerSpec, x_q: gs.Variable, flavour: str) -> gs
     w = spec.weight[flavour]
     attrs = {"axis": w.axis} | ({"block_size": w.block_size} if w.block_size else {})
     weight = b.op(spec.name, "DequantizeLinear", [b.const(w.codes), b.const(w.scale)], attrs)
+    if w.reshape is not None:
+        weight = b.op(spec.name, "Reshape", [weight, b.shape(list(w.reshape))])
     y = b.op(spec.name, "MatMul", [x_q, weight])
     return y if spec.bias is None else b.op(spec.name, "Add", [y, b.const(spec.bias)])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -29,6 +30,7 @@ BASE_OPSET = 20
 INPUT_NAMES = ("hidden_states", "controlnet_image", "encoder_hidden_states", "pooled_projections", "timestep")
 OUTPUT_NAME = "velocity"
 BATCH_AXIS = "batch"
+FOLD_SIZE_LIMIT = 1 << 30  # folded constants up to 1 GiB: the largest crop is the whole table
 
 
 class _PlaceholderFn(torch.autograd.Function):
@@ -116,7 +118,11 @@ def trace_base_graph(model: nn.Module, layers: dict[str, QuantLinear], tile_late
     model.eval()
     try:
         # Segment 0 only feeds the eager values that tracing carries along; the graph does not depend on it.
-        with placeholders(model, layers) as stubs, segment_scope(0):
+        # Shape checks in the forward become constants of the trace: expected, the graph is static but for B.
+        with placeholders(model, layers) as stubs, segment_scope(0), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # The legacy exporter is chosen on purpose: its Function.symbolic hook makes the placeholders.
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, args, buffer, dynamo=False, opset_version=BASE_OPSET,
                               input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], dynamic_axes=dynamic,
                               custom_opsets={PLACEHOLDER_DOMAIN: 1}, do_constant_folding=True)
@@ -126,5 +132,25 @@ def trace_base_graph(model: nn.Module, layers: dict[str, QuantLinear], tile_late
     uncalled = sorted(name for name, rank in ranks.items() if rank is None)
     if uncalled:
         raise ValueError(f"{len(uncalled)} quantized layers are never called by the forward, e.g. {uncalled[:3]}")
-    proto = onnx.load_model_from_string(buffer.getvalue())
+    proto = fold_static_subgraphs(onnx.load_model_from_string(buffer.getvalue()))
     return BaseGraph(proto, {name: int(rank) for name, rank in ranks.items()})
+
+
+def fold_static_subgraphs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold everything that does not depend on the batch axis into constants.
+
+    The TorchScript trace computes the positional-embedding crop from the input's shape, so the graph
+    would carry the whole pos_embed_max_size^2 table (906 MB for DiT4SR) and slice it at run time;
+    with static spatial sizes the crop is a constant of the tile's size. The same pass removes most
+    shape arithmetic.
+    """
+    import onnx_graphsurgeon as gs
+    import onnxruntime as ort
+
+    graph = gs.import_onnx(model)
+    ort.set_default_logger_severity(3)  # gs evaluates with onnxruntime; its optimiser notes are noise here
+    try:
+        graph.fold_constants(fold_shapes=True, size_threshold=FOLD_SIZE_LIMIT, error_ok=False).cleanup()
+    finally:
+        ort.set_default_logger_severity(2)
+    return gs.export_onnx(graph, do_type_check=False)

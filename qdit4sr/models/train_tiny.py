@@ -43,7 +43,7 @@ class TrainConfig:
 
 
 # Sampling defaults shipped with the tiny model: tiles match the training crop size.
-TINY_PIPELINE = PipelineConfig(num_inference_steps=8, shift=1.0, guidance_scale=1.0, tile_size=16, tile_overlap=6,
+TINY_PIPELINE = PipelineConfig(num_inference_steps=4, shift=3.0, guidance_scale=1.0, tile_size=16, tile_overlap=6,
                                tile_batch=64, min_lr_side=8, color_fix="adain")
 
 

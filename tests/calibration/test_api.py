@@ -75,3 +75,18 @@ def test_stats_for_unknown_layers_are_refused(calibrated):
     bad = replace(stats, layers=["transformer_blocks.0.nope"] + stats.layers[1:])
     with pytest.raises(ValueError, match="lacks"):
         quantize_(_fresh(calibrated), QDiT4SRConfig(), bad, progress=False)
+
+
+def test_quantized_state_round_trip(calibrated, tmp_path):
+    from qdit4sr.calibration.api import load_quantized_, save_quantized
+
+    config, _, stats = calibrated
+    model = _fresh(calibrated)
+    plan = quantize_(model, QDiT4SRConfig.preset("qdit4sr", "w4a4", num_segments=2), stats, progress=False)
+    save_quantized(model, tmp_path / "q.safetensors")
+    again = _fresh(calibrated)
+    load_quantized_(again, BitPlan.from_json(plan.to_json()), tmp_path / "q.safetensors")
+    inputs = micro_inputs(config)
+    for k in range(len(plan.segments)):
+        with torch.no_grad(), segment_scope(k):
+            assert torch.equal(model(*inputs), again(*inputs))

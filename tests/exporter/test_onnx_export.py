@@ -37,6 +37,12 @@ MODEL_TIE_RTOL = 1e-2
 TIE_MARGIN = 1e-2  # |frac(x/s) - 1/2| below this (in code units) counts as a tie
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
+
+
 def _session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -294,8 +300,9 @@ def test_weights_are_really_int4_or_int8(exported, case):
     for lp in q.plan.layers:
         t = inits[f"{lp.name}.qweight"]
         assert t.data_type == (TensorProto.INT4 if lp.weight_bits <= 4 else TensorProto.INT8), lp.name
-        assert list(t.dims) == [lp.in_features, lp.out_features]
-        codes = numpy_helper.to_array(t).astype(np.int8)
+        # [K, N], or [K/G, G, N] for blocked INT8 in the portable flavour (same bytes)
+        assert t.dims[-1] == lp.out_features and np.prod(t.dims) == lp.in_features * lp.out_features
+        codes = numpy_helper.to_array(t).astype(np.int8).reshape(lp.in_features, lp.out_features)
         assert np.array_equal(codes, layers[lp.name].qweight.numpy().T), lp.name
         assert np.abs(codes).max() <= qmax(lp.weight_bits)
     if case == "w4a4_hsvd":

@@ -1,0 +1,222 @@
+"""Image quality of the Q-DiT4SR ablation rows on the embedded tiny model and the held-out bundled photos.
+
+    python bench/eval_quality.py [--crop 128] [--out FILE] [--model DIR] [--threads 2]
+
+Rows: FP, then RTN, SVDQuant-style (global rank-r branch, uniform bits), H-SVD, H-SVD + VaSMP and the full
+Q-DiT4SR at W4A6 and W4A4, plus a global-only SVD given H-SVD's full-precision budget at W4A4. The activation
+statistics are collected once (on training-photo crops, never the held-out photos) and shared by every row,
+so rows differ only in the method. Columns: PSNR / SSIM against the HR photo (mean over images), PSNR
+against the FP model's output, mean weight bits (size-weighted), mean activation bits (over layers and
+sampler steps), timestep segments, and the deployed size of the quantized linear layers.
+
+The table goes to stdout (and to --out); progress goes to stderr.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import torch.nn as nn
+
+# Runs from a checkout as well as from an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qdit4sr.calibration.api import quantize_, quantized_layers
+from qdit4sr.calibration.hsvd import HSVDConfig, equal_budget_svd_rank
+from qdit4sr.calibration.layers import example_inputs, used_linears
+from qdit4sr.calibration.plan import BitPlan, QDiT4SRConfig
+from qdit4sr.calibration.stats import ActivationStats, CalibrationConfig, collect_activation_stats
+from qdit4sr.models.evaluate import EvalImage, held_out_set
+from qdit4sr.models.images import psnr, ssim
+from qdit4sr.models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline
+
+PRECISIONS = ("w4a6", "w4a4")
+ABLATION = (("rtn", "RTN"), ("svdquant", "SVDQuant-style"), ("hsvd", "H-SVD"), ("hsvd_vasmp", "H-SVD + VaSMP"),
+            ("qdit4sr", "Q-DiT4SR (full)"))
+FP16_BYTES = 2
+_START = time.perf_counter()
+
+
+@dataclass
+class Row:
+    method: str
+    precision: str
+    psnr_hr: float
+    ssim_hr: float
+    psnr_fp: float | None       # None for the FP row itself
+    weight_bits: float
+    act_bits: float
+    segments: int | None
+    size_bytes: int
+
+
+def log(message: str) -> None:
+    click.echo(f"[{time.perf_counter() - _START:7.1f}s] {message}", err=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -- sizes ---------------------------------------------------------------------------------------------
+
+def fp16_size(linears: dict[str, nn.Linear]) -> int:
+    """Bytes of the layers' weights and biases stored as fp16."""
+    return sum((m.weight.numel() + (0 if m.bias is None else m.bias.numel())) * FP16_BYTES for m in linears.values())
+
+
+def deployed_size(model: nn.Module) -> int:
+    """Bytes of the quantized layers as deployed: packed b-bit residue, fp16 scales, bias and branches."""
+    total = 0
+    for layer in quantized_layers(model).values():
+        total += math.ceil(layer.qweight.numel() * layer.weight_bits / 8)
+        fp = (layer.weight_scales, layer.bias, layer.up, layer.down, layer.block_sigma, layer.block_u, layer.block_v)
+        total += sum(t.numel() for t in fp if t is not None) * FP16_BYTES
+    return total
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+
+def upscale_all(pipe: DiT4SRPipeline, images: list[EvalImage], seed: int) -> list[np.ndarray]:
+    return [pipe.upscale(im.lr, seed=seed) for im in images]
+
+
+def quality(outputs: list[np.ndarray], images: list[EvalImage], fp: list[np.ndarray] | None) -> dict:
+    return {"psnr_hr": float(np.mean([psnr(o, im.hr) for o, im in zip(outputs, images)])),
+            "ssim_hr": float(np.mean([ssim(o, im.hr) for o, im in zip(outputs, images)])),
+            "psnr_fp": None if fp is None else float(np.mean([psnr(o, f) for o, f in zip(outputs, fp)]))}
+
+
+def quantized_row(base: DiT4SRPipeline, method: str, config: QDiT4SRConfig, stats: ActivationStats,
+                  images: list[EvalImage], fp: list[np.ndarray], seed: int) -> tuple[Row, BitPlan]:
+    """Quantize a copy of the FP pipeline with `config`, upscale the images and score them."""
+    # A copy rather than a reload: every row then starts from the very weights the FP row used.
+    pipe = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    plan = quantize_(pipe.transformer, config, stats, progress=False)
+    t1 = time.perf_counter()
+    outputs = upscale_all(pipe, images, seed)
+    q = quality(outputs, images, fp)
+    precision = f"W{config.weight_bits:g}A{config.act_bits:g}"
+    log(f"{precision} {method}: quantize {t1 - t0:.1f}s, upscale {time.perf_counter() - t1:.1f}s, "
+        f"PSNR vs FP {q['psnr_fp']:.2f} dB")
+    row = Row(method, precision, q["psnr_hr"], q["ssim_hr"], q["psnr_fp"], plan.mean_weight_bits(),
+              plan.mean_act_bits(), len(plan.segments), deployed_size(pipe.transformer))
+    return row, plan
+
+
+def equal_budget_ranks(plan: BitPlan) -> list[int]:
+    """Per layer, the global-only SVD rank whose FP parameters match what H-SVD spent on that layer."""
+    hsvd = HSVDConfig(method="hsvd", rank=plan.config.rank, seed=plan.config.seed)
+    return [equal_budget_svd_rank(l.out_features, l.in_features, hsvd,
+                                  None if l.block_shape is None else tuple(l.block_shape)) for l in plan.layers]
+
+
+# -- output --------------------------------------------------------------------------------------------
+
+def format_table(rows: list[Row], marks: dict[str, str]) -> str:
+    lines = ["| method | precision | PSNR (HR) | SSIM (HR) | PSNR vs FP | mean W bits | mean A bits | segments "
+             "| size (KiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.method}{marks.get(r.method, '')} | {r.precision} | {r.psnr_hr:.2f} | {r.ssim_hr:.4f} | "
+                     f"{'-' if r.psnr_fp is None else f'{r.psnr_fp:.2f}'} | {r.weight_bits:.2f} | "
+                     f"{r.act_bits:.2f} | {'-' if r.segments is None else r.segments} | "
+                     f"{r.size_bytes / 1024:.1f} |")
+    return "\n".join(lines)
+
+
+def model_description(model_dir: Path) -> str:
+    name = "embedded tiny default" if model_dir.resolve() == DEFAULT_MODEL_DIR.resolve() else model_dir.name
+    meta = model_dir / "training.json"
+    if meta.is_file():
+        steps = json.loads(meta.read_text()).get("train", {}).get("steps")
+        if steps is not None:
+            return f"{name} ({steps} training steps)"
+    return name
+
+
+@click.command()
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=DEFAULT_MODEL_DIR, show_default="the embedded tiny model")
+@click.option("--crop", type=int, default=128, show_default=True, help="HR centre-crop side of each held-out photo.")
+@click.option("--calib-images", type=int, default=32, show_default=True, help="Calibration crops (training photos).")
+@click.option("--rank", type=int, default=32, show_default=True, help="Global branch rank of the SVD/H-SVD rows.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table (markdown) to this file.")
+def main(model_dir: Path, crop: int, calib_images: int, rank: int, seed: int, threads: int, out: Path | None) -> None:
+    torch.set_num_threads(threads)
+    seed_everything(seed)
+    command = shlex.join(["python", "bench/eval_quality.py", *sys.argv[1:]])
+
+    pipe = DiT4SRPipeline.from_folder(model_dir)
+    images = held_out_set(crop)
+    log(f"model: {model_description(model_dir)}; {len(images)} held-out photos at {crop}px, "
+        f"{pipe.config.num_inference_steps} sampler steps")
+    fp = upscale_all(pipe, images, seed)
+    layers = used_linears(pipe.transformer, example_inputs(pipe.transformer))
+    rows = [Row("FP", "FP16", **quality(fp, images, None), weight_bits=16.0, act_bits=16.0, segments=None,
+                size_bytes=fp16_size(layers))]
+    log(f"FP: PSNR (HR) {rows[0].psnr_hr:.2f} dB")
+    stats = collect_activation_stats(pipe, layers, CalibrationConfig(num_images=calib_images, seed=seed),
+                                     progress=False)
+    log(f"calibrated {len(stats.layers)} layers over {len(stats.timesteps)} steps on {calib_images} crops")
+
+    plans: dict[tuple[str, str], BitPlan] = {}
+    for precision in PRECISIONS:
+        for preset, label in ABLATION:
+            method = f"{label} (rank {rank})" if preset == "svdquant" else label
+            config = QDiT4SRConfig.preset(preset, precision, rank=rank, seed=seed)
+            row, plans[preset, precision] = quantized_row(pipe, method, config, stats, images, fp, seed)
+            rows.append(row)
+
+    # The honest baseline: H-SVD spends extra FP parameters on its blocks; give a global-only SVD as many.
+    ranks = equal_budget_ranks(plans["hsvd", "w4a4"])
+    eq_rank = min(round(float(np.mean(ranks))), min(min(l.in_features, l.out_features)
+                                                    for l in plans["hsvd", "w4a4"].layers))
+    label = f"SVD, equal FP budget (rank {eq_rank})"
+    config = QDiT4SRConfig.preset("svdquant", "w4a4", rank=eq_rank, seed=seed)
+    row, _ = quantized_row(pipe, label, config, stats, images, fp, seed)
+    rows.append(row)
+
+    hsvd_size = next(r.size_bytes for r in rows if r.method == "H-SVD" and r.precision == "W4A4")
+    if min(ranks) == max(ranks):
+        eq_note = (f"global-only SVD at rank {eq_rank}, the rank whose FP parameters match H-SVD's (rank {rank} plus "
+                   f"the block branch) in every layer.")
+    else:
+        eq_note = (f"the per-layer equal-budget ranks range from {min(ranks)} to {max(ranks)}, which one config cannot "
+                   f"express, so every layer uses their mean, rank {eq_rank}; its size is "
+                   f"{row.size_bytes / hsvd_size:.1%} of H-SVD's at W4A4.")
+    notes = [
+        f"Model: {model_description(model_dir)}. {len(images)} held-out photos ({', '.join(im.name for im in images)}), "
+        f"{crop}px HR centre crops, x4. Calibration: {calib_images} crops of the training photos, collected once "
+        f"and shared by every row. Seed {seed}, {threads} threads.",
+        "Size: the quantized blocks' linear layers as deployed (packed integer residue at its bits, fp16 scales, "
+        "bias and low-rank branches); the FP row counts the same layers at fp16 (the FP outputs themselves are "
+        "computed in fp32).",
+        "Mean W bits are weighted by layer size; mean A bits average over layers and sampler steps.",
+        f"\\* {eq_note}",
+    ]
+    text = "\n".join([format_table(rows, {label: "\\*"}), "", *notes, "",
+                      f"Command: `{command}` ({time.perf_counter() - _START:.0f} s)"]) + "\n"
+    click.echo(text)
+    if out is not None:
+        out.write_text(text)
+        log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

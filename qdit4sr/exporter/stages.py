@@ -1,0 +1,259 @@
+"""The export chain as stages, each from one artifact to the next, cached in the output folder.
+
+    model folder --calibrate--> calibration/activation_stats.*  (per-layer, per-step activation moments)
+                 --quantize---> quantized/bit_plan.json + quantized/weights.safetensors
+                 --export-----> segment_kk.{portable,trt}.onnx + weights.bin + manifest.json
+                 --engines----> segment_kk.plan (where TensorRT and a GPU exist)
+                 --report-----> report/report.md + PNG plots
+
+A rerun with the same settings resumes from the last complete stage: every artifact is written
+atomically, and the manifest is written last, so an interrupted run never looks finished.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..calibration.api import load_quantized_, quantize_, save_quantized
+from ..calibration.layers import example_inputs, used_linears
+from ..calibration.plan import BitPlan, QDiT4SRConfig
+from ..calibration.stats import ActivationStats, CalibrationConfig, collect_activation_stats
+from ..models.loading import atomic_write
+from ..models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline
+
+RUN_FILE = "run.json"
+RUN_VERSION = 1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ExportError(RuntimeError):
+    """A problem with the user's input or output folder, reported as one line."""
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    precision: str = "w4a4"
+    method: str = "qdit4sr"
+    model: str | None = None          # None: the embedded tiny model
+    variant: str | None = None
+    segments: int = 4
+    rank: int = 32
+    seed: int = 0
+    calib_images: str | None = None
+    calib_count: int = 32
+    backend: str = "trt"              # "onnx": portable graphs only; "trt": also the plugin graphs + engines
+
+    def quant_config(self) -> QDiT4SRConfig:
+        return QDiT4SRConfig.preset(self.method, self.precision, num_segments=self.segments, rank=self.rank,
+                                    seed=self.seed)
+
+
+@dataclass
+class StageLog:
+    done: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+# -- output folder ---------------------------------------------------------------------------------
+
+def prepare_out_dir(out: Path, settings: ExportSettings, model_hash: str, force: bool) -> bool:
+    """Create or check the output folder; returns True when resuming a run with the same settings."""
+    record = {"version": RUN_VERSION, "model_hash": model_hash, "settings": asdict(settings)}
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    resuming = False
+    if out.exists() and any(out.iterdir()):
+        run_file = out / RUN_FILE
+        previous = None
+        if run_file.is_file():
+            try:
+                previous = json.loads(run_file.read_text())
+            except json.JSONDecodeError:
+                previous = None
+        if previous == record:
+            resuming = True
+        elif force:
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        else:
+            why = "was made with other settings or another model" if previous else "is not empty"
+            raise ExportError(f"output folder {out} {why}; pass --force to overwrite it or choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ExportError(f"cannot write into {out}: {e.strerror or e}") from e
+    if not resuming:
+        atomic_write(out / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+    return resuming
+
+
+# -- stages ------------------------------------------------------------------------------------------
+
+def load_pipeline(settings: ExportSettings) -> DiT4SRPipeline:
+    from ..models.loading import CheckpointError
+
+    folder = Path(settings.model) if settings.model else DEFAULT_MODEL_DIR
+    if not folder.is_dir():
+        raise ExportError(f"model folder {folder} does not exist")
+    try:
+        pipe = DiT4SRPipeline.from_folder(folder)
+        if settings.variant and settings.variant != pipe.transformer.config.variant:
+            from ..models.loading import load_transformer
+
+            pipe.transformer = load_transformer(folder, "transformer", variant=settings.variant)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise ExportError(f"cannot load the model from {folder}: {e}") from e
+    return pipe
+
+
+def lr_crops_from_folder(folder: Path, lr_crop: int, count: int, seed: int) -> list[torch.Tensor]:
+    """Deterministic LR crops from the user's calibration images (RGB or greyscale, at least lr_crop wide)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..models.images import to_tensor
+
+    if not folder.is_dir():
+        raise ExportError(f"calibration image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ExportError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                if im.mode not in ("RGB", "RGBA", "L"):
+                    raise ExportError(f"{path.name}: image mode {im.mode} is not supported; use RGB or greyscale")
+                array = np.asarray(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ExportError(f"{path.name}: not a readable image ({e})") from e
+        if min(array.shape[:2]) < lr_crop:
+            raise ExportError(f"{path.name}: {array.shape[1]}x{array.shape[0]} is smaller than the "
+                              f"{lr_crop}x{lr_crop} calibration crop")
+        images.append(array)
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(count):
+        array = images[i % len(images)]
+        h, w = array.shape[:2]
+        top, left = int(rng.integers(0, h - lr_crop + 1)), int(rng.integers(0, w - lr_crop + 1))
+        crops.append(to_tensor(np.ascontiguousarray(array[top:top + lr_crop, left:left + lr_crop])))
+    return crops
+
+
+def calibrate(pipe: DiT4SRPipeline, settings: ExportSettings, folder: Path, log: StageLog) -> ActivationStats:
+    stats_dir = folder / "calibration"
+    layers = used_linears(pipe.transformer, example_inputs(pipe.transformer))
+    if (stats_dir / "activation_stats.json").is_file():
+        try:
+            stats = ActivationStats.load(stats_dir)
+            if stats.layers == list(layers) and len(stats.timesteps) == pipe.config.num_inference_steps:
+                log.reused.append("calibration")
+                return stats
+        except (ValueError, OSError, KeyError):
+            pass
+    config = CalibrationConfig(num_images=settings.calib_count, seed=settings.seed)
+    images = None
+    if settings.calib_images:
+        lr_crop = pipe.config.tile_size * pipe.codec.downsample // config.scale
+        images = lr_crops_from_folder(Path(settings.calib_images), lr_crop, settings.calib_count, settings.seed)
+    stats = collect_activation_stats(pipe, layers, config, images=images)
+    stats.save(stats_dir)
+    log.done.append("calibration")
+    return stats
+
+
+def quantize(pipe: DiT4SRPipeline, stats: ActivationStats, settings: ExportSettings, folder: Path,
+             log: StageLog) -> BitPlan:
+    qdir = folder / "quantized"
+    plan_file, weights_file = qdir / "bit_plan.json", qdir / "weights.safetensors"
+    if plan_file.is_file() and weights_file.is_file():
+        try:
+            plan = BitPlan.load(plan_file)
+            if plan.config == settings.quant_config():
+                load_quantized_(pipe.transformer, plan, weights_file)
+                log.reused.append("quantization")
+                return plan
+        except (ValueError, OSError):
+            pass
+    plan = quantize_(pipe.transformer, settings.quant_config(), stats)
+    qdir.mkdir(parents=True, exist_ok=True)
+    save_quantized(pipe.transformer, weights_file)
+    plan.save(plan_file)   # last: a plan file means the weights beside it are complete
+    log.done.append("quantization")
+    return plan
+
+
+def export(pipe: DiT4SRPipeline, plan: BitPlan, settings: ExportSettings, folder: Path, model_hash: str,
+           log: StageLog):
+    from ..engines.manifest import Manifest, ManifestError, build_manifest
+    from .onnx_export import export_segments
+
+    try:
+        manifest = Manifest.load(folder)
+        if manifest.model_hash == model_hash and manifest.plan.sha256 and \
+                BitPlan.load(folder / manifest.plan.path).to_json() == plan.to_json():
+            log.reused.append("ONNX export")
+            return manifest
+    except (ManifestError, OSError, ValueError):
+        pass
+    (folder / "manifest.json").unlink(missing_ok=True)   # an old manifest must not describe new graphs
+    tokens = pipe.prompt.prompt_embeds.shape[1]
+    flavour = "both" if settings.backend == "trt" else "portable"
+    exports = export_segments(pipe.transformer, plan, folder, tile_latent=pipe.config.tile_size,
+                              text_tokens=tokens, flavour=flavour)
+    manifest = build_manifest(folder, exports, plan, model_hash=model_hash, pipeline_config=pipe.config,
+                              codec=pipe.codec, transformer_config=pipe.transformer.config,
+                              tile_latent=pipe.config.tile_size, text_tokens=tokens,
+                              prompt=None if settings.model is None else pipe.prompt,
+                              vae_path=None if pipe.codec.kind != "vae" else Path(settings.model) / "vae",
+                              precision=settings.precision)
+    manifest.save(folder)
+    log.done.append("ONNX export")
+    return manifest
+
+
+def build_trt_engines(settings: ExportSettings, folder: Path, log: StageLog) -> list[Path]:
+    from ..engines.build import build_engines, tensorrt_status
+
+    if settings.backend != "trt":
+        log.skipped.append("TensorRT engines: --backend onnx asks for ONNX graphs only")
+        return []
+    available, reason = tensorrt_status()
+    if not available:
+        log.skipped.append(f"TensorRT engines were not built: {reason}")
+        return []
+    engines = build_engines(folder)
+    log.done.append("TensorRT engines")
+    return engines
+
+
+def folder_size(folder: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
+
+
+def comparison_crops(settings: ExportSettings, quantized: DiT4SRPipeline, log: StageLog) -> dict | None:
+    """Bicubic / FP / quantized on one held-out photo; only for the embedded model (cheap there)."""
+    if settings.model is not None:
+        log.skipped.append("report comparison crop (costly for a full-size model; run qdit4sr-upscale instead)")
+        return None
+    from ..models.evaluate import bicubic_x4, held_out_set
+
+    image = held_out_set(128, names=("chelsea",))[0]
+    fp = load_pipeline(settings)
+    return {"HR": image.hr, "bicubic": bicubic_x4(image.lr), "FP": fp.upscale(image.lr, seed=settings.seed),
+            "quantized": quantized.upscale(image.lr, seed=settings.seed)}
+
+
+def write_run_report(folder: Path, plan: BitPlan, stats: ActivationStats, crops: dict | None, summary: dict) -> Path:
+    from .report import write_report
+
+    return write_report(folder / "report", plan, stats, crops, summary)

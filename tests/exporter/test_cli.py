@@ -1,0 +1,148 @@
+"""The command line end to end on a micro DiT4SR folder, including every bad input the tool promises to catch."""
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from qdit4sr.exporter.cli import export_command, upscale_command
+from qdit4sr.models.latents import PixelUnshuffleCodec
+from qdit4sr.models.loading import save_transformer
+from qdit4sr.models.pipeline import PipelineConfig
+
+PIPE = PipelineConfig(num_inference_steps=4, shift=1.0, guidance_scale=1.0, tile_size=8, tile_overlap=2,
+                      tile_batch=16, min_lr_side=4, color_fix="none")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from qdit4sr.models.transformer import DiT4SRTransformer2DModel
+    from tests.conftest import MICRO_CONFIG, randomize
+
+    folder = tmp_path_factory.mktemp("micro_model")
+    save_transformer(randomize(DiT4SRTransformer2DModel(**MICRO_CONFIG)).eval(), folder)
+    PixelUnshuffleCodec().save(folder)
+    (folder / "pipeline.json").write_text(json.dumps(asdict(PIPE)))
+    return folder
+
+
+def _export(out, model_dir, *extra):
+    args = ["--precision", "w4a4", "--out", str(out), "--model", str(model_dir), "--calib-count", "2",
+            "--segments", "2", "--rank", "4", *extra]
+    return CliRunner().invoke(export_command, args)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, model_dir):
+    out = tmp_path_factory.mktemp("run") / "engines"
+    result = _export(out, model_dir)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_export_writes_a_complete_folder(exported):
+    out, output = exported
+    assert (out / "manifest.json").is_file() and (out / "weights.bin").is_file()
+    assert sorted(p.name for p in out.glob("segment_*.onnx")) == [
+        "segment_00.portable.onnx", "segment_00.trt.onnx", "segment_01.portable.onnx", "segment_01.trt.onnx"]
+    assert (out / "report" / "report.md").is_file()
+    assert "TensorRT engines were not built" in output   # no TensorRT here, and the summary says why
+    assert str(out / "manifest.json") in output
+    assert not list(out.glob("**/*.tmp")) and not list(out.parent.glob(".*staging*"))
+
+
+def test_rerun_resumes_from_the_cache(exported, model_dir):
+    out, _ = exported
+    result = _export(out, model_dir)
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output
+    assert "reused           calibration, quantization, ONNX export" in result.output
+
+
+def test_upscale_with_the_exported_folder(exported, tmp_path):
+    out, _ = exported
+    image = (np.random.default_rng(0).random((12, 10, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "lr.png")
+    result = CliRunner().invoke(upscale_command, [str(tmp_path / "lr.png"), "--engines", str(out),
+                                                  "-o", str(tmp_path / "sr.png")])
+    assert result.exit_code == 0, result.output
+    assert np.asarray(Image.open(tmp_path / "sr.png")).shape == (48, 40, 3)
+
+
+def test_upscale_bad_inputs(exported, tmp_path):
+    out, _ = exported
+    runner = CliRunner()
+    r = runner.invoke(upscale_command, [str(tmp_path / "none.png"), "--engines", str(out), "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    Image.new("CMYK", (16, 16)).save(tmp_path / "cmyk.jpg")
+    r = runner.invoke(upscale_command, [str(tmp_path / "cmyk.jpg"), "--engines", str(out), "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "mode CMYK" in r.output
+    Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")
+    r = runner.invoke(upscale_command, [str(tmp_path / "tiny.png"), "--engines", str(out), "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "too small" in r.output
+    r = runner.invoke(upscale_command, [str(tmp_path / "tiny.png"), "--engines", str(tmp_path), "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "manifest" in r.output.lower()
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_and_corrupt_model_folders(tmp_path, model_dir):
+    r = _export(tmp_path / "a", tmp_path / "nowhere")
+    assert r.exit_code == 2 and "does not exist" in r.output
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    r = _export(tmp_path / "b", broken)
+    assert r.exit_code == 2 and "cannot read" in r.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_unknown_precision(tmp_path, model_dir):
+    r = CliRunner().invoke(export_command, ["--precision", "int4", "--out", str(tmp_path / "o"), "--model", str(model_dir)])
+    assert r.exit_code == 2 and "w<bits>a<bits>" in r.output
+
+
+def test_non_empty_and_unwritable_out_dirs(tmp_path, model_dir):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = _export(out, model_dir)
+    assert r.exit_code == 2 and "--force" in r.output
+    assert (out / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("")
+    r = _export(tmp_path / "file" / "sub", model_dir)
+    assert r.exit_code == 2 and "error:" in r.output
+
+
+def test_calibration_images_of_wrong_mode_or_size(tmp_path, model_dir):
+    images = tmp_path / "calib"
+    images.mkdir()
+    Image.new("CMYK", (32, 32)).save(images / "a.jpg")
+    r = _export(tmp_path / "o1", model_dir, "--calib-images", str(images))
+    assert r.exit_code == 2 and "mode CMYK" in r.output
+    (images / "a.jpg").unlink()
+    Image.new("RGB", (2, 2)).save(images / "b.png")
+    r = _export(tmp_path / "o2", model_dir, "--calib-images", str(images))
+    assert r.exit_code == 2 and "smaller than" in r.output
+
+
+def test_interrupted_run_leaves_no_manifest_and_resumes(tmp_path, model_dir, monkeypatch):
+    import qdit4sr.exporter.cli as cli
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "export", interrupt)
+    out = tmp_path / "o"
+    r = _export(out, model_dir)
+    assert r.exit_code == 130 and "rerun resumes" in r.output
+    assert not (out / "manifest.json").exists()
+    assert (out / "quantized" / "bit_plan.json").is_file()   # finished stages stay cached
+    monkeypatch.undo()
+    r = _export(out, model_dir)
+    assert r.exit_code == 0, r.output
+    assert "reused           calibration, quantization" in r.output
