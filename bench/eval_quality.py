@@ -13,7 +13,9 @@ The table goes to stdout (and to --out); progress goes to stderr.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import math
 import random
@@ -31,6 +33,7 @@ import torch.nn as nn
 # Runs from a checkout as well as from an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qdit4sr.calibration import api
 from qdit4sr.calibration.api import quantize_, quantized_layers
 from qdit4sr.calibration.hsvd import HSVDConfig, equal_budget_svd_rank
 from qdit4sr.calibration.layers import example_inputs, used_linears
@@ -85,6 +88,33 @@ def deployed_size(model: nn.Module) -> int:
         fp = (layer.weight_scales, layer.bias, layer.up, layer.down, layer.block_sigma, layer.block_u, layer.block_v)
         total += sum(t.numel() for t in fp if t is not None) * FP16_BYTES
     return total
+
+
+@contextlib.contextmanager
+def shared_decompositions():
+    """Let quantize_ reuse the branch/residue split of a weight it has already split with the same settings.
+
+    The split depends on the weight and the decomposition settings only, never on the bit widths, and
+    H-SVD's block-shape search costs more than everything else in quantize_; six rows share one H-SVD
+    split, so each weight is decomposed once instead of six times. Results are identical either way.
+    """
+    cache: dict[tuple, tuple] = {}
+    original = api.split_weight
+
+    def split_weight(weight: torch.Tensor, config: QDiT4SRConfig):
+        digest = hashlib.sha1(weight.detach().float().cpu().numpy().tobytes()).hexdigest()
+        key = (digest, tuple(weight.shape), config.decomposition, config.rank, config.hadamard, config.group_size,
+               config.seed)
+        if key not in cache:
+            cache[key] = original(weight, config)
+        residue, branches = cache[key]
+        return residue.clone(), branches
+
+    api.split_weight = split_weight
+    try:
+        yield
+    finally:
+        api.split_weight = original
 
 
 # -- evaluation ----------------------------------------------------------------------------------------
@@ -176,21 +206,22 @@ def main(model_dir: Path, crop: int, calib_images: int, rank: int, seed: int, th
     log(f"calibrated {len(stats.layers)} layers over {len(stats.timesteps)} steps on {calib_images} crops")
 
     plans: dict[tuple[str, str], BitPlan] = {}
-    for precision in PRECISIONS:
-        for preset, label in ABLATION:
-            method = f"{label} (rank {rank})" if preset == "svdquant" else label
-            config = QDiT4SRConfig.preset(preset, precision, rank=rank, seed=seed)
-            row, plans[preset, precision] = quantized_row(pipe, method, config, stats, images, fp, seed)
-            rows.append(row)
+    with shared_decompositions():
+        for precision in PRECISIONS:
+            for preset, label in ABLATION:
+                method = f"{label} (rank {rank})" if preset == "svdquant" else label
+                config = QDiT4SRConfig.preset(preset, precision, rank=rank, seed=seed)
+                row, plans[preset, precision] = quantized_row(pipe, method, config, stats, images, fp, seed)
+                rows.append(row)
 
-    # The honest baseline: H-SVD spends extra FP parameters on its blocks; give a global-only SVD as many.
-    ranks = equal_budget_ranks(plans["hsvd", "w4a4"])
-    eq_rank = min(round(float(np.mean(ranks))), min(min(l.in_features, l.out_features)
-                                                    for l in plans["hsvd", "w4a4"].layers))
-    label = f"SVD, equal FP budget (rank {eq_rank})"
-    config = QDiT4SRConfig.preset("svdquant", "w4a4", rank=eq_rank, seed=seed)
-    row, _ = quantized_row(pipe, label, config, stats, images, fp, seed)
-    rows.append(row)
+        # The honest baseline: H-SVD spends extra FP parameters on its blocks; give a global-only SVD as many.
+        ranks = equal_budget_ranks(plans["hsvd", "w4a4"])
+        eq_rank = min(round(float(np.mean(ranks))), min(min(l.in_features, l.out_features)
+                                                        for l in plans["hsvd", "w4a4"].layers))
+        label = f"SVD, equal FP budget (rank {eq_rank})"
+        config = QDiT4SRConfig.preset("svdquant", "w4a4", rank=eq_rank, seed=seed)
+        row, _ = quantized_row(pipe, label, config, stats, images, fp, seed)
+        rows.append(row)
 
     hsvd_size = next(r.size_bytes for r in rows if r.method == "H-SVD" and r.precision == "W4A4")
     if min(ranks) == max(ranks):

@@ -55,11 +55,11 @@ class QuantLinear(nn.Module):
         # Dequantized once: fake-quant forward passes reuse it.
         self.register_buffer("residual_weight", residual.dequantize(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.register_buffer("up", None if up is None else up.float())
-        self.register_buffer("down", None if down is None else down.float())
-        self.register_buffer("block_sigma", None if block_sigma is None else block_sigma.float())
-        self.register_buffer("block_u", None if block_u is None else block_u.float())
-        self.register_buffer("block_v", None if block_v is None else block_v.float())
+        # Contiguous copies: the same numbers in another memory layout take other BLAS paths and
+        # would make a reloaded model differ in the last bit.
+        for name, t in (("up", up), ("down", down), ("block_sigma", block_sigma), ("block_u", block_u),
+                        ("block_v", block_v)):
+            self.register_buffer(name, None if t is None else t.float().contiguous())
         self.act_bits = [int(b) for b in act_bits]
         self.act_scales = [float(s) for s in act_scales]
         self.segment_of_step = [int(s) for s in segment_of_step]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -13,6 +14,11 @@ from .stages import (ExportError, ExportSettings, StageLog, build_trt_engines, c
 from .trt_lint import lint_trt_command  # noqa: F401  (entry point qdit4sr-lint-trt)
 
 METHODS = ("qdit4sr", "hsvd_vasmp", "hsvd", "svdquant", "rtn")
+
+
+def default_rank(width: int) -> int:
+    """The paper's rank 32 at width 1536, scaled down for narrower models so branches stay small."""
+    return max(4, round(32 * width / 1536))
 
 
 def _fail(message: str, code: int = 2):
@@ -63,7 +69,8 @@ def _summary_lines(folder: Path, plan, manifest, log: StageLog, fp16_bytes: int)
 @click.option("--calib-images", type=click.Path(path_type=Path), default=None,
               help="Folder of LR calibration images; default: crops of the bundled photos.")
 @click.option("--calib-count", type=click.IntRange(1, 4096), default=32, show_default=True)
-@click.option("--rank", type=click.IntRange(0, 1024), default=32, show_default=True, help="Global low-rank branch rank.")
+@click.option("--rank", type=click.IntRange(0, 1024), default=None,
+              help="Global low-rank branch rank [default: 32 at DiT4SR's width 1536, scaled with the model width].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["onnx", "trt"]), default="trt", show_default=True,
               help="onnx: portable ONNX graphs; trt: also plugin graphs and TensorRT engines where possible.")
@@ -83,8 +90,10 @@ def export_command(precision, out, model, variant, method, segments, calib_image
                               calib_count=calib_count, backend=backend)
     log = StageLog()
     try:
-        settings.quant_config()
         pipe = load_pipeline(settings)
+        if settings.rank is None:
+            settings = replace(settings, rank=default_rank(pipe.transformer.inner_dim))
+        settings.quant_config()
         model_hash = transformer_hash(pipe.transformer)
         fp16_bytes = sum(p.numel() * 2 for p in pipe.transformer.parameters())
         resuming = prepare_out_dir(out, settings, model_hash, force)

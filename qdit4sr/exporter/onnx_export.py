@@ -14,6 +14,9 @@ and why b-bit activations sit in an INT8 container). Flavours:
     portable  standard ONNX ops only; what onnxruntime runs
     trt       the side branches as qdit4sr plugin nodes (contract.py) for TensorRT; passes `lint_model`
 
+Quantized layers whose output never reaches the velocity (dit4sr_q computes to_k_control and drops it)
+are removed by the tracer as dead code; they are listed in `SegmentExport.dead_layers` and not stored.
+
 Weights shared by the segments (all of them: segments differ only in activation bits and scales) are
 written once into `weights.bin`, deduplicated by content, and referenced by every graph at the same
 offsets; tensors under `external_threshold_bytes` stay inline. Everything is written into a staging
@@ -58,6 +61,7 @@ class SegmentExport:
     weights: Path | None = None                         # the shared external-data file
     weights_sha256: str | None = None
     act_bits: dict[int, int] = field(default_factory=dict)      # bits -> number of layers using them
+    dead_layers: list[str] = field(default_factory=list)        # quantized, but unused by the output
 
 
 def graph_file_name(segment: int, flavour: str) -> str:
@@ -191,8 +195,9 @@ def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, 
         graphs: dict[tuple[int, str], onnx.ModelProto] = {}
         with WeightStore(staging / WEIGHTS_FILE, external_threshold_bytes) as store:
             store.externalize(base.model)
+            live = {name: layer for name, layer in layers.items() if name in base.input_ranks}
             specs = {name: prepare_layer(store, name, layer, base.input_ranks[name])
-                     for name, layer in tqdm(layers.items(), desc="quantized weights", disable=not progress)}
+                     for name, layer in tqdm(live.items(), desc="quantized weights", disable=not progress)}
             factors = HadamardFactors(store)
             jobs = [(k, fl) for k in range(len(plan.segments)) for fl in flavours]
             for k, fl in tqdm(jobs, desc="segment graphs", disable=not progress):
@@ -201,8 +206,11 @@ def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, 
         exports = []
         for k, (start, end) in enumerate(plan.segments):
             seg = SegmentExport(index=k, steps=(start, end), timesteps=list(plan.timesteps[start:end]),
-                                weights=out_dir / WEIGHTS_FILE, weights_sha256=weights_sha)
+                                weights=out_dir / WEIGHTS_FILE, weights_sha256=weights_sha,
+                                dead_layers=list(base.dead_layers))
             for lp in plan.layers:
+                if lp.name not in specs:
+                    continue
                 seg.act_bits[lp.act_bits[k]] = seg.act_bits.get(lp.act_bits[k], 0) + 1
             for fl in flavours:
                 name = graph_file_name(k, fl)

@@ -104,7 +104,12 @@ class BaseGraph:
     """The traced placeholder graph plus what the rewrite needs to know about each placeholder."""
 
     model: onnx.ModelProto
-    input_ranks: dict[str, int]
+    input_ranks: dict[str, int]          # layers with a placeholder in the graph
+    dead_layers: list[str]               # called, but their output never reaches the graph's output
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.input_ranks)
 
 
 @torch.no_grad()
@@ -133,7 +138,11 @@ def trace_base_graph(model: nn.Module, layers: dict[str, QuantLinear], tile_late
     if uncalled:
         raise ValueError(f"{len(uncalled)} quantized layers are never called by the forward, e.g. {uncalled[:3]}")
     proto = fold_static_subgraphs(onnx.load_model_from_string(buffer.getvalue()))
-    return BaseGraph(proto, {name: int(rank) for name, rank in ranks.items()})
+    # The exporter drops dead code: e.g. dit4sr_q computes to_k_control and never uses it.
+    present = {onnx.helper.get_attribute_value(a).decode() for n in proto.graph.node
+               if n.domain == PLACEHOLDER_DOMAIN for a in n.attribute if a.name == "layer"}
+    return BaseGraph(proto, {name: int(rank) for name, rank in ranks.items() if name in present},
+                     sorted(set(ranks) - present))
 
 
 def fold_static_subgraphs(model: onnx.ModelProto) -> onnx.ModelProto:

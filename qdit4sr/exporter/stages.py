@@ -42,7 +42,7 @@ class ExportSettings:
     model: str | None = None          # None: the embedded tiny model
     variant: str | None = None
     segments: int = 4
-    rank: int = 32
+    rank: int | None = None     # None: chosen from the model width by the CLI
     seed: int = 0
     calib_images: str | None = None
     calib_count: int = 32

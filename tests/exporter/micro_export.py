@@ -45,10 +45,10 @@ class QuantizedMicro:
 
 @torch.no_grad()
 def quantized_micro(preset: str, precision: str, *, boost: tuple[str, ...] = (), seed: int = 0,
-                    **overrides) -> QuantizedMicro:
+                    model_config: dict | None = None, **overrides) -> QuantizedMicro:
     """A micro DiT4SR quantized in place; `boost` layers get 8x weights so VaSMP gives them more bits."""
     with single_thread():
-        model = randomize(DiT4SRTransformer2DModel(**MICRO_CONFIG), seed=seed).eval()
+        model = randomize(DiT4SRTransformer2DModel(**{**MICRO_CONFIG, **(model_config or {})}), seed=seed).eval()
         for name in boost:
             model.get_submodule(name).weight.mul_(8.0)
         model_hash = transformer_hash(model)

@@ -165,7 +165,8 @@ def exported(tmp_path_factory):
     cases = {
         # W4A4 H-SVD with VaSMP (two boosted layers get wider weights) and VaTMP segments
         "w4a4_hsvd": (dict(preset="qdit4sr", precision="w4a4", rank=8, num_segments=2, boost=W4A4_BOOST), "both"),
-        "w8a8_rtn": (dict(preset="rtn", precision="w8a8"), "portable"),
+        # the published dit4sr_q variant: to_k_control is computed and unused (dead code in the graph)
+        "w8a8_rtn": (dict(preset="rtn", precision="w8a8", model_config={"variant": "dit4sr_q"}), "portable"),
         "w4a6_svd_per_channel": (dict(preset="svdquant", precision="w4a6", rank=8, group_size=None), "both"),
     }
     out = {}
@@ -217,11 +218,12 @@ def _torch_codes(model, inputs, segment):
     return ref, seen
 
 
-def _compare_model(q, path: Path, segment: int, batch: int) -> dict:
+def _compare_model(q, path: Path, segment: int, batch: int, dead: list[str]) -> dict:
     """Run the graph and the torch model; return the error stats and the activation-code disagreements.
 
-    Every code disagreement must sit at a rounding tie. With none, the outputs agree to MODEL_RTOL;
-    with some, to MODEL_TIE_RTOL (one step moved on a tie, propagated through the later layers).
+    The first code disagreement (in call order) must sit at a rounding tie. With none, the outputs agree
+    to MODEL_RTOL; with some, to MODEL_TIE_RTOL (one step moved on a tie, propagated through the later
+    layers, where it can move further codes).
     """
     inputs = micro_inputs(MICRO_CONFIG, batch=batch, size=TILE, tokens=TOKENS, seed=3)
     ref, torch_codes = _torch_codes(q.model, inputs, segment)
@@ -232,24 +234,26 @@ def _compare_model(q, path: Path, segment: int, batch: int) -> dict:
         probe.unlink()
     names = [o.name for o in session.get_outputs()]
     results = dict(zip(names, session.run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})))
-    mismatches, total = 0, 0
-    for out_name, codes in results.items():
-        if out_name == "velocity":
+    codes = {name.split("/")[0]: value for name, value in results.items() if name != "velocity"}
+    assert set(codes) == set(torch_codes) - set(dead)
+    mismatches, total, first = 0, 0, None
+    for layer, (expected, ratio) in torch_codes.items():  # call order
+        if layer in dead:  # computed by torch, absent from the graph: it does not reach the output
             continue
-        layer = out_name.split("/")[0]
-        expected, ratio = torch_codes[layer]
-        differ = codes != expected
-        total += codes.size
+        differ = codes[layer] != expected
+        total += differ.size
         mismatches += int(differ.sum())
-        tie_distance = np.abs(ratio - np.floor(ratio) - 0.5)[differ]
-        assert (tie_distance < TIE_MARGIN).all(), f"{layer}: codes differ away from a rounding tie"
+        if differ.any() and first is None:
+            # The first disagreement must be a tie; later layers see its effect and may then differ anywhere.
+            first = layer
+            tie_distance = np.abs(ratio - np.floor(ratio) - 0.5)[differ]
+            assert (tie_distance < TIE_MARGIN).all(), f"{layer}: codes differ away from a rounding tie"
     got = results["velocity"]
     assert got.shape == ref.shape
     scale = float(np.abs(ref).max())
     rel = float(np.abs(got - ref).max()) / scale
-    assert mismatches <= 1e-3 * total
     assert rel <= (MODEL_RTOL if mismatches == 0 else MODEL_TIE_RTOL), (rel, mismatches)
-    return {"rel_err": rel, "code_mismatches": mismatches, "codes": total}
+    return {"rel_err": rel, "code_mismatches": mismatches, "codes": total, "first_mismatch": first}
 
 
 @pytest.mark.parametrize("case", ["w4a4_hsvd", "w8a8_rtn", "w4a6_svd_per_channel"])
@@ -257,7 +261,7 @@ def test_portable_graphs_match_the_fake_quant_model(exported, case):
     q, exports, _ = exported[case]
     for seg in exports:
         for batch in (2, 1):  # dynamic batch
-            stats = _compare_model(q, seg.graphs["portable"], seg.index, batch)
+            stats = _compare_model(q, seg.graphs["portable"], seg.index, batch, seg.dead_layers)
             assert stats["codes"] > 0
 
 
@@ -297,7 +301,12 @@ def test_weights_are_really_int4_or_int8(exported, case):
     model = onnx.load(exports[0].graphs["portable"])  # with the external data, to read the codes back
     inits = {t.name: t for t in model.graph.initializer}
     layers = quantized_layers(q.model)
+    dead = set(exports[0].dead_layers)
+    assert dead == ({n for n in layers if n.endswith("to_k_control")} if case == "w8a8_rtn" else set())
     for lp in q.plan.layers:
+        if lp.name in dead:
+            assert f"{lp.name}.qweight" not in inits
+            continue
         t = inits[f"{lp.name}.qweight"]
         assert t.data_type == (TensorProto.INT4 if lp.weight_bits <= 4 else TensorProto.INT8), lp.name
         # [K, N], or [K/G, G, N] for blocked INT8 in the portable flavour (same bytes)
@@ -339,6 +348,20 @@ def test_shared_weights_file_is_written_once(exported):
     codes = sum(int({e.key: e.value for e in t.external_data}["length"])
                 for n, t in _initializers(graphs[0]).items() if n.endswith(".qweight"))
     assert codes < fp32 / 5
+
+
+def test_weight_store_dedupes_by_content(tmp_path):
+    with WeightStore(tmp_path / WEIGHTS_FILE, threshold_bytes=64) as store:
+        a = store.array("a", np.arange(100, dtype=np.float32))
+        b = store.array("b", np.arange(100, dtype=np.float32).reshape(10, 10))  # same bytes, other shape
+        c = store.array("c", np.arange(100, dtype=np.int32))                    # other bytes
+        small = store.array("s", np.ones(3, dtype=np.float32))
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in (a, b, c)}
+    assert where["a"]["offset"] == where["b"]["offset"] != where["c"]["offset"]
+    assert int(where["c"]["offset"]) % 64 == 0
+    assert small.data_location != TensorProto.EXTERNAL and len(small.raw_data) == 12
+    assert (tmp_path / WEIGHTS_FILE).stat().st_size == int(where["c"]["offset"]) + 400
+    assert store.requested_bytes == 1200 and store.num_blobs == 2
 
 
 # ----------------------------------------------------------------------------- validation
