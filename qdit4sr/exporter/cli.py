@@ -35,14 +35,17 @@ def _check_precision(ctx, param, value: str) -> str:
 
 
 def _summary_lines(folder: Path, plan, manifest, log: StageLog, fp16_bytes: int) -> list[str]:
-    onnx_bytes = folder_size(folder, "*.onnx") + folder_size(folder, "weights.bin")
+    weight_bytes = folder_size(folder, "weights.bin")
+    graphs = sorted(folder.glob("segment_*.onnx"))
+    graph_bytes = sum(p.stat().st_size for p in graphs)
     engines = sorted(p.name for p in folder.glob("*.plan"))
     lines = [
         f"precision        {manifest.precision}  (mean weight bits {plan.mean_weight_bits():.2f}, "
         f"mean activation bits {plan.mean_act_bits():.2f})",
         f"segments         {len(plan.segments)}: " + ", ".join(f"steps {a}-{b - 1}" for a, b in plan.segments),
-        f"graphs + weights {onnx_bytes / 2**20:.1f} MiB (fp16 transformer {fp16_bytes / 2**20:.1f} MiB, "
-        f"{fp16_bytes / max(onnx_bytes, 1):.2f}x smaller)",
+        f"weights          {weight_bytes / 2**20:.2f} MiB in weights.bin, shared by every segment "
+        f"(fp16 transformer {fp16_bytes / 2**20:.2f} MiB: {fp16_bytes / max(weight_bytes, 1):.2f}x smaller)",
+        f"graphs           {len(graphs)} files, {graph_bytes / 2**20:.2f} MiB of graph structure",
         f"manifest         {folder / 'manifest.json'}",
         f"engines          {', '.join(engines) if engines else 'none'}",
         f"report           {folder / 'report' / 'report.md'}",

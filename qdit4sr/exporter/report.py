@@ -171,7 +171,7 @@ def bit_grid_figure(plan: BitPlan) -> Figure:
     height = min(max(3.5, _INCH_PER_LAYER * n_layers + 1.5), 40.0)
     width = min(max(6.0, 0.35 * n_steps + 4.5), 24.0)
     fig = Figure(figsize=(width, height))
-    gs = fig.add_gridspec(1, 3, width_ratios=[max(n_steps, 2), 1.2, 0.5], wspace=0.08)
+    gs = fig.add_gridspec(1, 3, width_ratios=[max(n_steps, 2), 1.2, 0.3], wspace=0.08)
     ax, ax_w, ax_bar = fig.add_subplot(gs[0]), fig.add_subplot(gs[1]), fig.add_subplot(gs[2])
     image = ax.imshow(to_index(grid), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
     _layer_ticks(ax, n_layers, [l.name for l in plan.layers], "y")
@@ -250,6 +250,9 @@ def weight_bits_figure(plan: BitPlan) -> Figure:
     ax = fig.add_subplot()
     ax.bar(np.arange(n), variance, width=0.85, color=[colours[int(b)] for b in bits])
     ax.set_yscale("log")
+    # Log-scale bars have no natural base; start at a whole decade below the smallest bar so that bar
+    # heights are not exaggerated by an axis that starts just under the minimum.
+    ax.set_ylim(bottom=10.0 ** math.floor(math.log10(variance.min()) - 1e-9))
     ax.set_xlim(-0.7, n - 0.3)
     _layer_ticks(ax, n, [l.name for l in plan.layers], "x")
     ax.set_ylabel("residue weight variance")
@@ -292,8 +295,10 @@ def _segment_rows(plan: BitPlan) -> list[tuple]:
         bits = [layer.act_bits[k] for layer in plan.layers]
         hist = Counter(bits)
         histogram = ", ".join(f"{_bit_label(b)}: {hist[b]}" for b in sorted(hist))
-        timesteps = f"{plan.timesteps[start]:.1f} to {plan.timesteps[end - 1]:.1f}"
-        rows.append((str(k), f"{start} to {end - 1}", timesteps, f"{np.mean(bits):.2f}", histogram))
+        first, last = plan.timesteps[start], plan.timesteps[end - 1]
+        steps = f"{start}" if end - start == 1 else f"{start} to {end - 1}"
+        timesteps = f"{first:.1f}" if end - start == 1 else f"{first:.1f} to {last:.1f}"
+        rows.append((str(k), steps, timesteps, f"{np.mean(bits):.2f}", histogram))
     return rows
 
 
