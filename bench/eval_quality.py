@@ -232,7 +232,8 @@ def main(model_dir: Path, crop: int, calib_images: int, rank: int, seed: int, th
                    f"express, so every layer uses their mean, rank {eq_rank}; its size is "
                    f"{row.size_bytes / hsvd_size:.1%} of H-SVD's at W4A4.")
     notes = [
-        f"Model: {model_description(model_dir)}. {len(images)} held-out photos ({', '.join(im.name for im in images)}), "
+        f"Model: {model_description(model_dir)}. {len(images)} held-out photos "
+        f"({', '.join(im.name for im in images)}), "
         f"{crop}px HR centre crops, x4. Calibration: {calib_images} crops of the training photos, collected once "
         f"and shared by every row. Seed {seed}, {threads} threads.",
         "Size: the quantized blocks' linear layers as deployed (packed integer residue at its bits, fp16 scales, "

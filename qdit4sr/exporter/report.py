@@ -306,7 +306,8 @@ def _markdown(plan: BitPlan, summary: dict, figures: dict[str, bool]) -> str:
     precision = f"W{plan.config.weight_bits:g}A{plan.config.act_bits:g}"
     lines = [f"# Q-DiT4SR quantization report: {precision}", ""]
     rows = [(str(k), v) for k, v in summary.items() if k != "skipped"]
-    lines += ["## Summary", ""] + (_table(("quantity", "value"), rows) if rows else ["(no summary values given)"]) + [""]
+    summary_table = _table(("quantity", "value"), rows) if rows else ["(no summary values given)"]
+    lines += ["## Summary", ""] + summary_table + [""]
 
     lines += ["## Timestep segments", "",
               f"{len(plan.segments)} segment(s) over {plan.num_steps} sampler steps; activation bits are per "

@@ -37,7 +37,8 @@ def load_photo(name: str) -> np.ndarray:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [0, 1]."""
-    return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+    # A copy: images from PIL are read-only views, which torch.from_numpy warns about.
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
