@@ -23,7 +23,6 @@ Not a test: it takes minutes (the H-SVD block search on full-width matrices) and
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import tempfile

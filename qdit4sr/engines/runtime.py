@@ -186,7 +186,6 @@ def load_exported_pipeline(folder: str | Path, backend: str = "onnxruntime", **r
     runner = SegmentedRunner(folder, backend=backend, **runner_options)
     manifest = runner.manifest
     transformer = OrtTransformer(runner)
-    prompt = None
     if manifest.prompt_embeds is not None:
         prompt = PromptEmbeddings.from_file(manifest.prompt_embeds.resolve(runner.folder))
     else:

@@ -8,8 +8,9 @@ Per placeholder with input x [..., K] and output y [..., N] (r = rank of x):
                     (none when the segment's bits are 16)
     residue         DequantizeLinear(codes [K, N], scale) [-> Reshape, see below] -> MatMul(x_q, W) -> Add(bias)
     branches        portable: LowRankBranch as MatMul(MatMul(x_H, down^T), up^T); BlockRank1Branch as
-                    Reshape [.., Q, 1, s_i] -> MatMul(v^T [Q, s_i, P]) -> Transpose [.., P, 1, Q] -> Mul(sigma)
-                    -> MatMul(u [P, Q, s_o]) -> Reshape [.., N];  trt: the qdit4sr plugin nodes of `contract`
+                    Reshape [L, Q, s_i] -> Transpose [Q, L, s_i] -> MatMul(v^T [Q, s_i, P]) -> Transpose [P, L, Q]
+                    -> Mul(sigma) -> MatMul(u [P, Q, s_o]) -> Transpose [L, P, s_o] -> Reshape [L, N]
+                    (L = the leading axes);  trt: the qdit4sr plugin nodes of `contract`
     output          Add(residue, Add(low rank, block rank-1))
 
 Activations use an INT8 container for every width b <= 8: TensorRT runs integer activations only as
@@ -230,26 +231,39 @@ def _residue(b: _Builder, spec: LayerSpec, x_q: gs.Variable, flavour: str) -> gs
 
 def _branches_portable(b: _Builder, spec: LayerSpec, x_h: gs.Variable) -> gs.Variable | None:
     out = None
-    r = spec.input_rank
-    lead = [0] * (r - 1)
     if spec.down is not None:
         down_t = b.op(spec.name, "Transpose", [b.const(spec.down)], {"perm": [1, 0]})
         up_t = b.op(spec.name, "Transpose", [b.const(spec.up)], {"perm": [1, 0]})
         out = b.op(spec.name, "MatMul", [b.op(spec.name, "MatMul", [x_h, down_t]), up_t])
     if spec.sigma is not None:
-        s_o, s_i = spec.block_shape
-        p, q = spec.sigma.dims
-        v_t = b.op(spec.name, "Transpose", [b.const(spec.block_v)], {"perm": [1, 2, 0]})        # [Q, s_i, P]
-        sigma = b.op(spec.name, "Reshape", [b.const(spec.sigma), b.shape([p, 1, q])])          # [P, 1, Q]
-        xr = b.op(spec.name, "Reshape", [x_h, b.shape(lead + [q, 1, s_i])])                   # [.., Q, 1, s_i]
-        t = b.op(spec.name, "MatMul", [xr, v_t])                                               # [.., Q, 1, P]
-        perm = list(range(r - 1)) + [r + 1, r, r - 1]
-        t = b.op(spec.name, "Transpose", [t], {"perm": perm})                                  # [.., P, 1, Q]
-        t = b.op(spec.name, "Mul", [t, sigma])
-        local = b.op(spec.name, "MatMul", [t, b.const(spec.block_u)])                          # [.., P, 1, s_o]
-        local = b.op(spec.name, "Reshape", [local, b.shape(lead + [p * s_o])])
+        local = _block_rank1_portable(b, spec, x_h)
         out = local if out is None else b.op(spec.name, "Add", [out, local])
     return out
+
+
+def _block_rank1_portable(b: _Builder, spec: LayerSpec, x_h: gs.Variable) -> gs.Variable:
+    """Block rank-1 branch with the block index as the batch axis of two batched MatMuls.
+
+    With L the n = r-1 leading axes of x ([B, T] or [B]): [Q, L, s_i] @ v^T [Q, s_i, P] gives t as
+    [Q, L, P]; [P, L, Q] * sigma @ u [P, Q, s_o] gives [P, L, s_o]. Each MatMul then multiplies token
+    rows by a block matrix; putting the tokens in the batch instead (M = 1 GEMMs) is ~5x slower.
+    """
+    s_o, s_i = spec.block_shape
+    p, q = spec.sigma.dims
+    n = spec.input_rank - 1
+    ones = [1] * (n - 1)
+    v_t = b.op(spec.name, "Transpose", [b.const(spec.block_v)], {"perm": [1, 2, 0]})            # [Q, s_i, P]
+    v_t = b.op(spec.name, "Reshape", [v_t, b.shape([q] + ones + [s_i, p])])
+    sigma = b.op(spec.name, "Reshape", [b.const(spec.sigma), b.shape([p] + [1] * n + [q])])     # [P, 1.., Q]
+    u = b.op(spec.name, "Reshape", [b.const(spec.block_u), b.shape([p] + ones + [q, s_o])])    # [P, 1.., Q, s_o]
+    xr = b.op(spec.name, "Reshape", [x_h, b.shape([0] * n + [q, s_i])])                        # [L, Q, s_i]
+    xr = b.op(spec.name, "Transpose", [xr], {"perm": [n] + list(range(n)) + [n + 1]})          # [Q, L, s_i]
+    t = b.op(spec.name, "MatMul", [xr, v_t])                                                   # [Q, L, P]
+    t = b.op(spec.name, "Transpose", [t], {"perm": [n + 1] + list(range(1, n + 1)) + [0]})     # [P, L, Q]
+    t = b.op(spec.name, "Mul", [t, sigma])
+    local = b.op(spec.name, "MatMul", [t, u])                                                  # [P, L, s_o]
+    local = b.op(spec.name, "Transpose", [local], {"perm": list(range(1, n + 1)) + [0, n + 1]})  # [L, P, s_o]
+    return b.op(spec.name, "Reshape", [local, b.shape([0] * n + [p * s_o])])
 
 
 def _branches_trt(b: _Builder, spec: LayerSpec, x_h: gs.Variable, out_shape) -> gs.Variable | None:

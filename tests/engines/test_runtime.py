@@ -2,8 +2,6 @@
 torch quantized pipeline."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
