@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..models.step_context import current_step
 from .hadamard import apply_hadamard
+from .hsvd import block_rank1_apply
 from .quantizer import QuantizedWeight, fake_quantize_activation
 
 _segment_override: contextvars.ContextVar[int | None] = contextvars.ContextVar("qdit4sr_segment", default=None)
@@ -90,11 +91,7 @@ class QuantLinear(nn.Module):
         if self.up is not None:
             y = (x_h @ self.down.T) @ self.up.T
         if self.block_u is not None:
-            s_o, s_i = self.block_shape
-            p, q = self.block_sigma.shape
-            t = torch.einsum("...qi,pqi->...pq", x_h.reshape(*x_h.shape[:-1], q, s_i), self.block_v)
-            local = torch.einsum("...pq,pqo->...po", t * self.block_sigma, self.block_u)
-            local = local.reshape(*x_h.shape[:-1], p * s_o)
+            local = block_rank1_apply(x_h, self.block_sigma, self.block_u, self.block_v)
             y = local if y is None else y + local
         return y
 
