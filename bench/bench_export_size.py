@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qdit4sr.calibration.api import quantize_  # noqa: E402
 from qdit4sr.calibration.layers import example_inputs, used_linears  # noqa: E402
 from qdit4sr.calibration.plan import QDiT4SRConfig  # noqa: E402
+from qdit4sr.calibration.qsoftmax import attention_cores  # noqa: E402
 from qdit4sr.calibration.stats import ActivationStats, CalibrationConfig  # noqa: E402
 from qdit4sr.exporter.external_data import WEIGHTS_FILE  # noqa: E402
 from qdit4sr.exporter.onnx_export import export_segments  # noqa: E402
@@ -135,7 +136,8 @@ def main() -> None:
     t0 = time.time()
     model = measured_model()
     layers = list(used_linears(model, example_inputs(model)))
-    plan = quantize_(model, QDiT4SRConfig.preset("qdit4sr", "w4a4"), synthetic_stats(layers))
+    stats = synthetic_stats(layers).with_logit_range(list(attention_cores(model)), 8.0)
+    plan = quantize_(model, QDiT4SRConfig.preset("qdit4sr", "w4a4"), stats)
     t_quant = time.time() - t0
     tmp = Path(tempfile.mkdtemp(prefix="qdit4sr-size-")) if args.out is None else None
     out = args.out or tmp / "export"

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qdit4sr.calibration.api import quantize_  # noqa: E402
 from qdit4sr.calibration.layers import example_inputs, used_linears  # noqa: E402
 from qdit4sr.calibration.plan import QDiT4SRConfig  # noqa: E402
+from qdit4sr.calibration.qsoftmax import attention_cores  # noqa: E402
 from qdit4sr.calibration.stats import ActivationStats, CalibrationConfig  # noqa: E402
 from qdit4sr.exporter.onnx_export import export_segments  # noqa: E402
 from qdit4sr.exporter.placeholder import BATCH_AXIS, INPUT_NAMES, OUTPUT_NAME  # noqa: E402
@@ -109,7 +110,8 @@ def bench_config(name: str, runs: int, threads: int, work: Path) -> list[tuple]:
     layers = list(used_linears(base, example_inputs(base)))
     for label, make in VARIANTS.items():
         model = copy.deepcopy(base)
-        plan = quantize_(model, make(), synthetic_stats(layers), progress=False)
+        stats = synthetic_stats(layers).with_logit_range(list(attention_cores(model)), 8.0)
+        plan = quantize_(model, make(), stats, progress=False)
         out = work / f"{name}_{label.replace(' ', '_')}"
         graphs[label] = export_segments(model, plan, out, tile, tokens, progress=False)[0].graphs["portable"]
     x = graph_inputs(base.config, tile, tokens, batch=1)

@@ -18,6 +18,7 @@ import torch
 from qdit4sr.calibration.api import quantize_
 from qdit4sr.calibration.layers import example_inputs, used_linears
 from qdit4sr.calibration.plan import QDiT4SRConfig
+from qdit4sr.calibration.qsoftmax import attention_cores
 from qdit4sr.calibration.stats import ActivationStats, CalibrationConfig
 from qdit4sr.models.config import DIT4SR_CONFIG
 from qdit4sr.models.transformer import DiT4SRTransformer2DModel
@@ -62,7 +63,7 @@ def main(num_layers: int, threads: int, precision: str) -> None:
     rss_before = peak_rss_bytes()
     # Activation statistics only set activation scales; constant ones keep the weight path realistic.
     stats = ActivationStats(names, [1000.0], np.ones((len(names), 1)), np.full((len(names), 1), 4.0),
-                            CalibrationConfig(num_images=0))
+                            CalibrationConfig(num_images=0)).with_logit_range(list(attention_cores(model)), 8.0)
     qconfig = QDiT4SRConfig.from_precision(precision, temporal_act_bits=False)
     t0 = time.perf_counter()
     plan = quantize_(model, qconfig, stats, progress=True)

@@ -16,8 +16,9 @@ from tqdm import tqdm
 from .hadamard import rotate_weight
 from .hsvd import HSVDConfig, decompose_weight
 from .layers import quantizable_linears
-from .plan import BitPlan, LayerPlan, QDiT4SRConfig
+from .plan import BitPlan, LayerPlan, QDiT4SRConfig, SoftmaxPlan
 from .qlinear import NO_ACT_QUANT, QuantLinear
+from .qsoftmax import QuantSoftmax, attention_cores, softmax_scale
 from .quantizer import WeightQuantConfig, activation_scale, gaussian_kappa, qmax, quantize_weight
 from .stats import ActivationStats
 from .vasmp import allocate_bits, layer_weight_variance
@@ -125,12 +126,42 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
                                      act_bits=[int(b) for b in a_bits[i]], act_scales=scales,
                                      rank=0 if br.up is None else int(br.up.shape[1]),
                                      block_shape=None if br.block_shape is None else list(br.block_shape)))
+    softmax = _quantize_softmax_(model, config, stats, segments, segment_of_step)
     plan = BitPlan(config=config, timesteps=list(stats.timesteps), segments=segments, layers=layer_plans,
-                   stats={**w_info, **a_info})
+                   stats={**w_info, **a_info}, softmax=softmax)
     plan.stats["mean_weight_bits"] = plan.mean_weight_bits()
     plan.stats["mean_act_bits"] = plan.mean_act_bits()
     plan.validate()
     return plan
+
+
+def _quantize_softmax_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats,
+                       segments: list[tuple[int, int]], segment_of_step: list[int]) -> list[SoftmaxPlan]:
+    """Put an 8-bit softmax-input quantizer into every attention core, scaled per segment from calibration."""
+    if not config.quantize_softmax:
+        return []
+    cores = attention_cores(model)
+    if not stats.softmax_sites:
+        raise ValueError("the activation statistics have no attention-logit ranges; collect them again with "
+                         "collect_activation_stats (or set softmax_bits=16)")
+    if set(stats.softmax_sites) != set(cores):
+        raise ValueError(f"activation statistics name other attention cores than the model has, e.g. "
+                         f"{sorted(set(stats.softmax_sites) ^ set(cores))[:3]}")
+    plans = []
+    for i, name in enumerate(stats.softmax_sites):
+        scales = [softmax_scale(float(stats.softmax_amax[i, s:e].max()), config.softmax_bits) for s, e in segments]
+        cores[name].softmax = QuantSoftmax(scales, segment_of_step, config.softmax_bits)
+        plans.append(SoftmaxPlan(name=name, bits=config.softmax_bits, scales=scales))
+    return plans
+
+
+def _load_softmax_(model: nn.Module, plan: BitPlan) -> None:
+    cores = attention_cores(model)
+    segment_of_step = plan.segment_of_step()
+    for site in plan.softmax:
+        if site.name not in cores:
+            raise ValueError(f"the bit plan names the attention core {site.name}, which the model lacks")
+        cores[site.name].softmax = QuantSoftmax(site.scales, segment_of_step, site.bits)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -172,3 +203,4 @@ def load_quantized_(model: nn.Module, plan: BitPlan, path) -> None:
             residual, get("bias"), hadamard=plan.config.hadamard, act_bits=lp.act_bits, act_scales=lp.act_scales,
             segment_of_step=segment_of_step, up=get("up"), down=get("down"), block_sigma=get("block_sigma"),
             block_u=get("block_u"), block_v=get("block_v")))
+    _load_softmax_(model, plan)

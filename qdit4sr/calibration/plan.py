@@ -1,7 +1,8 @@
 """The quantization config and the BitPlan artifact: a (layer x timestep) grid of weight and activation bits.
 
 The plan also carries the segments (timestep ranges sharing one engine), the static activation
-scales per (layer, segment) and every hyper-parameter, as versioned JSON validated on load.
+scales per (layer, segment), the 8-bit softmax-input scales per (attention core, segment) and every
+hyper-parameter, as versioned JSON validated on load.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from ..models.loading import atomic_write
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 _PRECISION = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+(?:\.\d+)?)$")
 DECOMPOSITIONS = ("rtn", "svd", "hsvd")
 
@@ -35,6 +36,7 @@ class QDiT4SRConfig:
     weight_bit_range: tuple[int, int] = (2, 8)
     act_bit_choices: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     scale_search: bool = False
+    softmax_bits: int = 8             # softmax input; 16 = full precision (always so when act_bits is 16)
     seed: int = 0
 
     def __post_init__(self):
@@ -49,6 +51,8 @@ class QDiT4SRConfig:
             raise ValueError("uniform weight bits must be an integer")
         if not self.use_temporal and self.act_bits != int(self.act_bits):
             raise ValueError("uniform activation bits must be an integer")
+        if self.softmax_bits != 16 and not 2 <= self.softmax_bits <= 8:
+            raise ValueError(f"softmax input bits must lie in 2..8 or be 16, got {self.softmax_bits}")
         if self.num_segments < 1 or self.rank < 0:
             raise ValueError("num_segments must be >= 1 and rank >= 0")
 
@@ -57,6 +61,10 @@ class QDiT4SRConfig:
         if self.act_bits == 16:
             return False
         return self.act_bits <= 4 if self.temporal_act_bits is None else self.temporal_act_bits
+
+    @property
+    def quantize_softmax(self) -> bool:
+        return self.act_bits != 16 and self.softmax_bits != 16
 
     @classmethod
     def from_precision(cls, precision: str, **overrides) -> "QDiT4SRConfig":
@@ -114,12 +122,20 @@ class LayerPlan:
 
 
 @dataclass
+class SoftmaxPlan:
+    name: str                         # the attention core (module name)
+    bits: int
+    scales: list[float]               # static softmax-input scale per segment
+
+
+@dataclass
 class BitPlan:
     config: QDiT4SRConfig
     timesteps: list[float]
     segments: list[tuple[int, int]]   # [start, end) sampler-step ranges, covering 0..T
     layers: list[LayerPlan]
     stats: dict = field(default_factory=dict)   # achieved budgets, modelled distortions, solver flags
+    softmax: list[SoftmaxPlan] = field(default_factory=list)
     version: int = PLAN_VERSION
 
     # -- queries ---------------------------------------------------------------------------------
@@ -158,7 +174,8 @@ class BitPlan:
     def to_json(self) -> str:
         return json.dumps({"version": self.version, "config": self.config.to_dict(), "timesteps": self.timesteps,
                            "segments": [list(s) for s in self.segments], "stats": self.stats,
-                           "layers": [asdict(l) for l in self.layers]}, indent=1)
+                           "layers": [asdict(l) for l in self.layers],
+                           "softmax": [asdict(s) for s in self.softmax]}, indent=1)
 
     def save(self, path: Path) -> None:
         text = self.to_json()
@@ -175,7 +192,8 @@ class BitPlan:
         try:
             plan = cls(config=QDiT4SRConfig.from_dict(raw["config"]), timesteps=[float(t) for t in raw["timesteps"]],
                        segments=[(int(a), int(b)) for a, b in raw["segments"]],
-                       layers=[LayerPlan(**l) for l in raw["layers"]], stats=raw.get("stats", {}))
+                       layers=[LayerPlan(**l) for l in raw["layers"]], stats=raw.get("stats", {}),
+                       softmax=[SoftmaxPlan(**s) for s in raw["softmax"]])
         except (KeyError, TypeError) as e:
             raise ValueError(f"bit plan is missing or has malformed fields: {e}") from e
         plan.validate()
@@ -203,3 +221,8 @@ class BitPlan:
                 raise ValueError(f"layer {layer.name}: activation bits {layer.act_bits} not in {sorted(allowed_act)}")
             if any(not s > 0 for s in layer.act_scales):
                 raise ValueError(f"layer {layer.name}: activation scales must be positive")
+        for site in self.softmax:
+            if not 2 <= site.bits <= 8:
+                raise ValueError(f"softmax {site.name}: input bits {site.bits} outside 2..8")
+            if len(site.scales) != k or any(not s > 0 for s in site.scales):
+                raise ValueError(f"softmax {site.name}: needs {k} positive scales, got {site.scales}")

@@ -38,6 +38,22 @@ def segment_scope(segment: int) -> Iterator[None]:
         _segment_override.reset(token)
 
 
+def active_segment(segment_of_step: list[int], num_segments: int, who: str) -> int:
+    """The timestep segment whose activation settings apply now: forced by segment_scope, else the sampler's."""
+    forced = _segment_override.get()
+    if forced is not None:
+        return forced
+    step = current_step()
+    if step is None:
+        if num_segments == 1:
+            return 0
+        raise RuntimeError(f"{who} with several timestep segments was called outside the sampler; "
+                           "use qdit4sr.calibration.qlinear.segment_scope(k)")
+    if step >= len(segment_of_step):
+        raise RuntimeError(f"sampler step {step} is beyond the {len(segment_of_step)} steps of the bit plan")
+    return segment_of_step[step]
+
+
 class QuantLinear(nn.Module):
     def __init__(self, residual: QuantizedWeight, bias: torch.Tensor | None, *, hadamard: bool,
                  act_bits: list[int], act_scales: list[float], segment_of_step: list[int],
@@ -72,18 +88,7 @@ class QuantLinear(nn.Module):
         return self.block_u.shape[-1], self.block_v.shape[-1]
 
     def active_segment(self) -> int:
-        forced = _segment_override.get()
-        if forced is not None:
-            return forced
-        step = current_step()
-        if step is None:
-            if len(self.act_bits) == 1:
-                return 0
-            raise RuntimeError("QuantLinear with several timestep segments was called outside the sampler; "
-                               "use qdit4sr.calibration.qlinear.segment_scope(k)")
-        if step >= len(self.segment_of_step):
-            raise RuntimeError(f"sampler step {step} is beyond the {len(self.segment_of_step)} steps of the bit plan")
-        return self.segment_of_step[step]
+        return active_segment(self.segment_of_step, len(self.act_bits), type(self).__name__)
 
     def branch(self, x_h: torch.Tensor) -> torch.Tensor | None:
         """Full-precision side branches on the rotated input (None when the layer has none)."""

@@ -1,12 +1,14 @@
 """Activation statistics per quantized layer and sampler step, collected once over a calibration set.
 
 For every layer the hook records, at each step, the second moment v = mean(x_H^2) of the
-Hadamard-rotated input (the quantity VaTMP schedules on) and its absolute maximum.
+Hadamard-rotated input (the quantity VaTMP schedules on) and its absolute maximum. For every attention
+core it records the absolute maximum of the scaled logits, the range of the 8-bit softmax input.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,9 @@ from ..models.images import TRAIN_PHOTOS, degrade_x4, load_photo, resize_bicubic
 from ..models.loading import atomic_write
 from ..models.step_context import current_step
 from .hadamard import apply_hadamard
+from .qsoftmax import LogitRecorder, attention_cores
 
-STATS_VERSION = 1
+STATS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -39,14 +42,24 @@ class ActivationStats:
     second_moment: np.ndarray   # [L, T] mean of squared (rotated) inputs
     amax: np.ndarray            # [L, T]
     config: CalibrationConfig
+    softmax_sites: list[str] = field(default_factory=list)   # attention cores, by module name
+    softmax_amax: np.ndarray | None = None                    # [S, T] max |q k^T / sqrt(d)|
+
+    def __post_init__(self):
+        if self.softmax_amax is None:
+            self.softmax_amax = np.zeros((len(self.softmax_sites), len(self.timesteps)))
+        expected = (len(self.softmax_sites), len(self.timesteps))
+        if self.softmax_amax.shape != expected:
+            raise ValueError(f"softmax statistics have shape {self.softmax_amax.shape}, expected {expected}")
 
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / "activation_stats.safetensors", lambda tmp: save_file(
-            {"second_moment": self.second_moment.astype(np.float64), "amax": self.amax.astype(np.float64)}, tmp))
+            {"second_moment": self.second_moment.astype(np.float64), "amax": self.amax.astype(np.float64),
+             "softmax_amax": self.softmax_amax.astype(np.float64)}, tmp))
         meta = {"version": STATS_VERSION, "layers": self.layers, "timesteps": self.timesteps,
-                "config": asdict(self.config)}
+                "softmax_sites": self.softmax_sites, "config": asdict(self.config)}
         atomic_write(folder / "activation_stats.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
 
     @classmethod
@@ -57,11 +70,16 @@ class ActivationStats:
             raise ValueError(f"activation statistics version {meta.get('version')} is not {STATS_VERSION}")
         arrays = load_file(str(folder / "activation_stats.safetensors"))
         stats = cls(meta["layers"], meta["timesteps"], arrays["second_moment"], arrays["amax"],
-                    CalibrationConfig(**meta["config"]))
+                    CalibrationConfig(**meta["config"]), meta["softmax_sites"], arrays["softmax_amax"])
         expected = (len(stats.layers), len(stats.timesteps))
         if stats.second_moment.shape != expected or stats.amax.shape != expected:
             raise ValueError(f"activation statistics arrays do not match {expected}")
         return stats
+
+    def with_logit_range(self, sites: list[str], amax: float) -> "ActivationStats":
+        """A copy where every given attention core has logit range `amax` at every step (synthetic statistics)."""
+        return dataclasses.replace(self, softmax_sites=list(sites),
+                                   softmax_amax=np.full((len(sites), len(self.timesteps)), float(amax)))
 
     def layer_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.layers)}
@@ -96,6 +114,32 @@ class _Recorder:
             h.remove()
 
 
+class _LogitRanges:
+    """Puts a LogitRecorder into every attention core (explicit attention) and records max |logit| per step."""
+
+    def __init__(self, cores: dict, steps: int):
+        self.names = list(cores)
+        self.amax = np.zeros((len(cores), steps))
+        self.seen = np.zeros((len(cores), steps), dtype=bool)
+        self._cores = cores
+        self._before = {name: core.softmax for name, core in cores.items()}
+        for i, core in enumerate(cores.values()):
+            core.softmax = LogitRecorder(self._record(i))
+
+    def _record(self, index: int):
+        def record(logits: torch.Tensor) -> None:
+            step = current_step()
+            if step is None:
+                return
+            self.amax[index, step] = max(self.amax[index, step], float(logits.detach().abs().max()))
+            self.seen[index, step] = True
+        return record
+
+    def remove(self) -> None:
+        for name, core in self._cores.items():
+            core.softmax = self._before[name]
+
+
 def calibration_images(config: CalibrationConfig, lr_crop: int) -> list[torch.Tensor]:
     """Deterministic LR crops (x4-degraded) from the training photos; held-out photos stay unseen."""
     rng = np.random.default_rng(config.seed)
@@ -122,6 +166,7 @@ def collect_activation_stats(pipeline, layers: dict[str, torch.nn.Module], confi
     lr_crop = config.lr_crop or tile_px // config.scale
     timesteps = pipeline.sampler_timesteps()
     recorder = _Recorder(layers, len(timesteps), config.hadamard)
+    logits = _LogitRanges(attention_cores(pipeline.transformer), len(timesteps))
     try:
         if images is None:
             images = calibration_images(config, lr_crop)
@@ -134,7 +179,12 @@ def collect_activation_stats(pipeline, layers: dict[str, torch.nn.Module], confi
             pipeline.denoise(latent, torch.Generator().manual_seed(config.seed * 100003 + i))
     finally:
         recorder.remove()
+        logits.remove()
     if (recorder.count == 0).any():
         missing = sorted({recorder.names[i] for i in np.nonzero((recorder.count == 0).any(1))[0]})
         raise RuntimeError(f"no activations recorded for {len(missing)} layers, e.g. {missing[:3]}")
-    return ActivationStats(recorder.names, timesteps, recorder.sq / recorder.count, recorder.amax, config)
+    if not logits.seen.all():
+        missing = sorted({logits.names[i] for i in np.nonzero(~logits.seen.all(1))[0]})
+        raise RuntimeError(f"no attention logits recorded for {len(missing)} attention cores, e.g. {missing[:3]}")
+    return ActivationStats(recorder.names, timesteps, recorder.sq / recorder.count, recorder.amax, config,
+                           logits.names, logits.amax)

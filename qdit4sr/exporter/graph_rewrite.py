@@ -13,6 +13,12 @@ Per placeholder with input x [..., K] and output y [..., N] (r = rank of x):
                     (L = the leading axes);  trt: the qdit4sr plugin nodes of `contract`
     output          Add(residue, Add(low rank, block rank-1))
 
+Per softmax placeholder (an attention core's scaled logits, when the plan quantizes the softmax input):
+
+    Clip(logits, -qmax_b*s, qmax_b*s) -> QuantizeLinear(s, int8 0) -> DequantizeLinear(s, int8 0) -> Softmax(axis -1)
+
+with b = 8 and the segment's static scale s, the same Q/DQ form as the layer activations.
+
 Activations use an INT8 container for every width b <= 8: TensorRT runs integer activations only as
 INT8, so the b-bit range lives in the static scale s and the Clip to +-qmax_b * s in front of the
 QuantizeLinear (clipping first makes round(clip(x)/s) == clamp(round(x/s), -qmax_b, qmax_b), the
@@ -48,7 +54,7 @@ from ..calibration.qlinear import NO_ACT_QUANT, QuantLinear
 from ..calibration.quantizer import pack_int, qmax
 from . import contract
 from .external_data import WeightStore
-from .placeholder import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
+from .placeholder import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, SOFTMAX_PLACEHOLDER_OP
 
 FLAVOURS = ("portable", "trt")
 TRT_INT4_BLOCKS = (64, 128)
@@ -140,6 +146,15 @@ def prepare_layer(store: WeightStore, name: str, layer: QuantLinear, input_rank:
 
 
 @dataclass
+class SoftmaxSpec:
+    """One attention core's softmax-input quantization: bits and the static scale per segment."""
+
+    name: str
+    bits: int
+    scales: list[float]
+
+
+@dataclass
 class HadamardFactors:
     """Orthonormal factors per input size, stored once and shared by every layer and graph."""
 
@@ -205,18 +220,31 @@ def _hadamard(b: _Builder, spec: LayerSpec, x: gs.Variable, factors: HadamardFac
     return b.op(spec.name, "Reshape", [h, b.shape(lead + [k])])
 
 
-def _act_quant(b: _Builder, spec: LayerSpec, x: gs.Variable, segment: int) -> gs.Variable:
-    bits, scale = spec.act_bits[segment], np.float32(spec.act_scales[segment])
+def _static_qdq(b: _Builder, prefix: str, x: gs.Variable, bits: int, scale: float) -> gs.Variable:
+    """b-bit fake quantization with a static scale inside an INT8 Q/DQ pair (identity for 16 bits)."""
     if bits >= NO_ACT_QUANT:
         return x
+    scale = np.float32(scale)
     limit = np.float32(qmax(bits)) * scale
-    s = b.const(np.array(scale, dtype=np.float32), f"{spec.name}.act_scale")
+    s = b.const(np.array(scale, dtype=np.float32), f"{prefix}.act_scale")
     zero = b.const(np.array(0, dtype=np.int8), "int8_zero")
-    lo = b.const(np.array(-limit, dtype=np.float32), f"{spec.name}.act_min")
-    hi = b.const(np.array(limit, dtype=np.float32), f"{spec.name}.act_max")
-    clipped = b.op(spec.name, "Clip", [x, lo, hi])
-    q = b.op(spec.name, "QuantizeLinear", [clipped, s, zero], dtype=np.int8)
-    return b.op(spec.name, "DequantizeLinear", [q, s, zero])
+    lo = b.const(np.array(-limit, dtype=np.float32), f"{prefix}.act_min")
+    hi = b.const(np.array(limit, dtype=np.float32), f"{prefix}.act_max")
+    clipped = b.op(prefix, "Clip", [x, lo, hi])
+    q = b.op(prefix, "QuantizeLinear", [clipped, s, zero], dtype=np.int8)
+    return b.op(prefix, "DequantizeLinear", [q, s, zero])
+
+
+def _act_quant(b: _Builder, spec: LayerSpec, x: gs.Variable, segment: int) -> gs.Variable:
+    return _static_qdq(b, spec.name, x, spec.act_bits[segment], spec.act_scales[segment])
+
+
+def _rewrite_softmax(b: _Builder, node: gs.Node, spec: SoftmaxSpec, segment: int) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    node.inputs.clear()
+    node.outputs.clear()
+    logits = _static_qdq(b, spec.name, x, spec.bits, spec.scales[segment])
+    b.op(spec.name, "Softmax", [logits], {"axis": -1}, out=y)
 
 
 def _residue(b: _Builder, spec: LayerSpec, x_q: gs.Variable, flavour: str) -> gs.Variable:
@@ -299,26 +327,42 @@ def _rewrite_node(b: _Builder, node: gs.Node, spec: LayerSpec, segment: int, fla
         b.op(spec.name, "Add", [main, side], out=y)
 
 
+def _attr(node: gs.Node, key: str) -> str:
+    value = node.attrs[key]
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def rewrite_segment(base: onnx.ModelProto, specs: dict[str, LayerSpec], segment: int, flavour: str,
-                    opset: int, factors: HadamardFactors) -> onnx.ModelProto:
+                    opset: int, factors: HadamardFactors,
+                    softmax_specs: dict[str, SoftmaxSpec] | None = None) -> onnx.ModelProto:
     """The deployable graph of one timestep segment: every placeholder replaced, lifted to `opset`."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
+    softmax_specs = softmax_specs or {}
     graph = gs.import_onnx(base)
     b = _Builder(graph)
-    found = set()
+    found, found_softmax = set(), set()
     for node in list(graph.nodes):
-        if node.domain != PLACEHOLDER_DOMAIN or node.op != PLACEHOLDER_OP:
+        if node.domain != PLACEHOLDER_DOMAIN:
             continue
-        name = node.attrs["layer"]
-        name = name.decode() if isinstance(name, bytes) else name
+        if node.op == SOFTMAX_PLACEHOLDER_OP:
+            site = _attr(node, "site")
+            if site not in softmax_specs:
+                raise ValueError(f"softmax placeholder for {site!r} has no softmax spec")
+            found_softmax.add(site)
+            _rewrite_softmax(b, node, softmax_specs[site], segment)
+            continue
+        if node.op != PLACEHOLDER_OP:
+            raise ValueError(f"unknown placeholder op {node.op!r}")
+        name = _attr(node, "layer")
         if name not in specs:
             raise ValueError(f"placeholder for {name!r} has no prepared layer")
         found.add(name)
         _rewrite_node(b, node, specs[name], segment, flavour, factors)
-    missing = sorted(set(specs) - found)
+    missing = sorted(set(specs) - found) + sorted(set(softmax_specs) - found_softmax)
     if missing:
-        raise ValueError(f"{len(missing)} quantized layers have no node in the traced graph, e.g. {missing[:3]}")
+        raise ValueError(f"{len(missing)} quantized layers or softmaxes have no node in the traced graph, "
+                         f"e.g. {missing[:3]}")
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     graph.opset = opset
     graph.import_domains = [onnx.helper.make_opsetid("", opset)]

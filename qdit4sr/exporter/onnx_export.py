@@ -37,10 +37,11 @@ from tqdm import tqdm
 from ..calibration.api import quantized_layers
 from ..calibration.plan import BitPlan
 from ..calibration.qlinear import QuantLinear
+from ..calibration.qsoftmax import QuantSoftmax, quantized_softmaxes
 from ..models.loading import atomic_write
 from .external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE, WeightStore, sha256_file
 from .graph_checks import check_onnx, check_trt
-from .graph_rewrite import FLAVOURS, HadamardFactors, prepare_layer, rewrite_segment
+from .graph_rewrite import FLAVOURS, HadamardFactors, SoftmaxSpec, prepare_layer, rewrite_segment
 from .placeholder import BATCH_AXIS, INPUT_NAMES, OUTPUT_NAME, trace_base_graph
 
 MIN_OPSET, MAX_OPSET = 21, 23  # 21: INT4 and blocked Q/DQ; later opsets change none of the ops used here
@@ -121,6 +122,23 @@ def check_plan_matches(model: torch.nn.Module, plan: BitPlan) -> dict[str, Quant
     return {lp.name: layers[lp.name] for lp in plan.layers}
 
 
+def check_softmax_matches(model: torch.nn.Module, plan: BitPlan) -> dict[str, QuantSoftmax]:
+    """The model's quantized softmaxes, in plan order, after checking their bits and scales against the plan."""
+    softmaxes = quantized_softmaxes(model)
+    planned = [s.name for s in plan.softmax]
+    if set(planned) != set(softmaxes):
+        raise ValueError(f"plan and model disagree on the quantized softmaxes: plan has {len(planned)}, model "
+                         f"{len(softmaxes)}; differing: {sorted(set(planned) ^ set(softmaxes))[:5]}")
+    seg_of_step = plan.segment_of_step()
+    for site in plan.softmax:
+        q = softmaxes[site.name]
+        if (q.bits != site.bits or len(q.scales) != len(site.scales) or q.segment_of_step != seg_of_step
+                or any(abs(a - b) > 1e-6 * b for a, b in zip(q.scales, site.scales))):
+            raise ValueError(f"softmax {site.name} does not match the plan: bits {q.bits} vs {site.bits}, "
+                             f"scales {q.scales} vs {site.scales}")
+    return {name: softmaxes[name] for name in planned}
+
+
 def check_tile(config, tile_latent: int, text_tokens: int) -> None:
     """The static tile must be a whole number of patches that the model's positional table covers."""
     p, max_side = config.patch_size, config.pos_embed_max_size
@@ -187,10 +205,11 @@ def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, 
     _check_opset(opset)
     check_tile(model.config, tile_latent, text_tokens)
     layers = check_plan_matches(model, plan)
+    softmaxes = check_softmax_matches(model, plan)
     out_dir = Path(out_dir)
     staging = _staging_dir(out_dir)
     try:
-        base = trace_base_graph(model, layers, tile_latent, text_tokens)
+        base = trace_base_graph(model, layers, tile_latent, text_tokens, softmaxes)
         _check_liftable(base.model)
         graphs: dict[tuple[int, str], onnx.ModelProto] = {}
         with WeightStore(staging / WEIGHTS_FILE, external_threshold_bytes) as store:
@@ -199,9 +218,11 @@ def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, 
             specs = {name: prepare_layer(store, name, layer, base.input_ranks[name])
                      for name, layer in tqdm(live.items(), desc="quantized weights", disable=not progress)}
             factors = HadamardFactors(store)
+            softmax_specs = {site.name: SoftmaxSpec(site.name, site.bits, list(site.scales))
+                             for site in plan.softmax if site.name in base.softmax_sites}
             jobs = [(k, fl) for k in range(len(plan.segments)) for fl in flavours]
             for k, fl in tqdm(jobs, desc="segment graphs", disable=not progress):
-                graphs[k, fl] = rewrite_segment(base.model, specs, k, fl, opset, factors)
+                graphs[k, fl] = rewrite_segment(base.model, specs, k, fl, opset, factors, softmax_specs)
         weights_sha = store.sha256
         exports = []
         for k, (start, end) in enumerate(plan.segments):

@@ -1,4 +1,4 @@
-"""Trace the transformer to ONNX with one opaque placeholder node per QuantLinear.
+"""Trace the transformer to ONNX with one opaque placeholder node per QuantLinear and per QuantSoftmax.
 
 The placeholder graph is the same for every timestep segment and flavour: only the rewrite of its
 placeholders differs (see graph_rewrite). So the TorchScript exporter runs once per export, and the
@@ -7,14 +7,15 @@ quantized weights never pass through it (they are written straight into the exte
 Each QuantLinear is temporarily swapped for `PlaceholderLinear`, whose forward calls an autograd
 Function with a `symbolic`: in eager mode it runs the real layer (so the traced values stay
 meaningful), in the exported graph it becomes `PLACEHOLDER_DOMAIN::QuantLinear(x)` with the layer
-name as attribute.
+name as attribute. Each attention core's QuantSoftmax becomes `PLACEHOLDER_DOMAIN::QuantSoftmax(logits)`
+with the core's name as attribute `site` in the same way (its scale differs per segment).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import onnx
@@ -22,9 +23,11 @@ import torch
 import torch.nn as nn
 
 from ..calibration.qlinear import QuantLinear, segment_scope
+from ..calibration.qsoftmax import QuantSoftmax
 
 PLACEHOLDER_DOMAIN = "qdit4sr.placeholder"
 PLACEHOLDER_OP = "QuantLinear"
+SOFTMAX_PLACEHOLDER_OP = "QuantSoftmax"
 # The TorchScript exporter's newest opset; the rewrite lifts the graph to the requested opset (>= 21).
 BASE_OPSET = 20
 INPUT_NAMES = ("hidden_states", "controlnet_image", "encoder_hidden_states", "pooled_projections", "timestep")
@@ -70,22 +73,60 @@ class PlaceholderLinear(nn.Module):
         return _PlaceholderFn.apply(x, self)
 
 
+class _SoftmaxPlaceholderFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, stub: "PlaceholderSoftmax") -> torch.Tensor:
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            return stub.softmax(logits)
+        finally:
+            torch._C._set_tracing_state(state)
+
+    @staticmethod
+    def symbolic(g, logits, stub: "PlaceholderSoftmax"):
+        y = g.op(f"{PLACEHOLDER_DOMAIN}::{SOFTMAX_PLACEHOLDER_OP}", logits, site_s=stub.site)
+        y.setType(logits.type())
+        return y
+
+
+class PlaceholderSoftmax(nn.Module):
+    """Stands in for an attention core's QuantSoftmax during tracing."""
+
+    def __init__(self, site: str, softmax: QuantSoftmax):
+        super().__init__()
+        self.site = site
+        self.called = False
+        object.__setattr__(self, "softmax", softmax)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        self.called = True
+        return _SoftmaxPlaceholderFn.apply(logits, self)
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 @contextlib.contextmanager
-def placeholders(model: nn.Module, layers: dict[str, QuantLinear]) -> Iterator[dict[str, PlaceholderLinear]]:
-    """Swap the given QuantLinear layers for placeholders; always restores the model."""
+def placeholders(model: nn.Module, layers: dict[str, QuantLinear], softmaxes: dict[str, QuantSoftmax] | None = None
+                 ) -> Iterator[tuple[dict[str, PlaceholderLinear], dict[str, PlaceholderSoftmax]]]:
+    """Swap the given QuantLinear layers and attention-core softmaxes for placeholders; always restores."""
+    softmaxes = softmaxes or {}
     stubs = {name: PlaceholderLinear(name, layer) for name, layer in layers.items()}
+    softmax_stubs = {site: PlaceholderSoftmax(site, sm) for site, sm in softmaxes.items()}
     try:
         for name, stub in stubs.items():
             _set_module(model, name, stub)
-        yield stubs
+        for site, stub in softmax_stubs.items():
+            model.get_submodule(site).softmax = stub
+        yield stubs, softmax_stubs
     finally:
         for name, layer in layers.items():
             _set_module(model, name, layer)
+        for site, sm in softmaxes.items():
+            model.get_submodule(site).softmax = sm
 
 
 def example_inputs(config, tile_latent: int, text_tokens: int, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -106,6 +147,7 @@ class BaseGraph:
     model: onnx.ModelProto
     input_ranks: dict[str, int]          # layers with a placeholder in the graph
     dead_layers: list[str]               # called, but their output never reaches the graph's output
+    softmax_sites: list[str] = field(default_factory=list)  # attention cores with a softmax placeholder
 
     @property
     def layers(self) -> list[str]:
@@ -114,7 +156,7 @@ class BaseGraph:
 
 @torch.no_grad()
 def trace_base_graph(model: nn.Module, layers: dict[str, QuantLinear], tile_latent: int,
-                     text_tokens: int) -> BaseGraph:
+                     text_tokens: int, softmaxes: dict[str, QuantSoftmax] | None = None) -> BaseGraph:
     """Export the transformer once with placeholders; dynamic batch, every other axis static."""
     args = example_inputs(model.config, tile_latent, text_tokens)
     buffer = io.BytesIO()
@@ -124,7 +166,8 @@ def trace_base_graph(model: nn.Module, layers: dict[str, QuantLinear], tile_late
     try:
         # Segment 0 only feeds the eager values that tracing carries along; the graph does not depend on it.
         # Shape checks in the forward become constants of the trace: expected, the graph is static but for B.
-        with placeholders(model, layers) as stubs, segment_scope(0), warnings.catch_warnings():
+        with placeholders(model, layers, softmaxes) as (stubs, softmax_stubs), segment_scope(0), \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # The legacy exporter is chosen on purpose: its Function.symbolic hook makes the placeholders.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -132,17 +175,22 @@ def trace_base_graph(model: nn.Module, layers: dict[str, QuantLinear], tile_late
                               input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], dynamic_axes=dynamic,
                               custom_opsets={PLACEHOLDER_DOMAIN: 1}, do_constant_folding=True)
             ranks = {name: stub.input_rank for name, stub in stubs.items()}
+            uncalled_softmax = sorted(site for site, stub in softmax_stubs.items() if not stub.called)
     finally:
         model.train(was_training)
     uncalled = sorted(name for name, rank in ranks.items() if rank is None)
     if uncalled:
         raise ValueError(f"{len(uncalled)} quantized layers are never called by the forward, e.g. {uncalled[:3]}")
+    if uncalled_softmax:
+        raise ValueError(f"{len(uncalled_softmax)} quantized softmaxes are never called, e.g. {uncalled_softmax[:3]}")
     proto = fold_static_subgraphs(onnx.load_model_from_string(buffer.getvalue()))
     # The exporter drops dead code: e.g. dit4sr_q computes to_k_control and never uses it.
     present = {onnx.helper.get_attribute_value(a).decode() for n in proto.graph.node
                if n.domain == PLACEHOLDER_DOMAIN for a in n.attribute if a.name == "layer"}
+    sites = [onnx.helper.get_attribute_value(a).decode() for n in proto.graph.node
+             if n.domain == PLACEHOLDER_DOMAIN for a in n.attribute if a.name == "site"]
     return BaseGraph(proto, {name: int(rank) for name, rank in ranks.items() if name in present},
-                     sorted(set(ranks) - present))
+                     sorted(set(ranks) - present), sites)
 
 
 def fold_static_subgraphs(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -314,6 +314,12 @@ def _markdown(plan: BitPlan, summary: dict, figures: dict[str, bool]) -> str:
               f"layer and segment (mean over {len(plan.layers)} layers, and how many layers got each width).", ""]
     lines += _table(("segment", "sampler steps", "timesteps", "mean act bits", "layers per act bits"),
                     _segment_rows(plan)) + [""]
+    if plan.softmax:
+        ranges = [127 * min(s.scales) for s in plan.softmax] + [127 * max(s.scales) for s in plan.softmax]
+        lines += [f"Softmax input: {plan.softmax[0].bits}-bit static Q/DQ in {len(plan.softmax)} attention cores, "
+                  f"logit range +-{min(ranges):.3g} to +-{max(ranges):.3g} over cores and segments.", ""]
+    else:
+        lines += ["Softmax input: full precision.", ""]
 
     lines += ["## Figures", ""]
     for key, fig in FIGURES.items():

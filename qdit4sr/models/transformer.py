@@ -23,6 +23,25 @@ from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZ
 from .config import VARIANTS
 
 
+class AttentionCore(nn.Module):
+    """softmax(q k^T / sqrt(d)) v over [B, H, N, d] heads.
+
+    Fused (SDPA) while `softmax` is None. Calibration and quantization put a module there (the logit
+    recorder, the 8-bit softmax-input quantizer), which switches to the explicit form so that module
+    sees the scaled logits.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.softmax: nn.Module | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.softmax is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        logits = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # SDPA's default scale
+        return self.softmax(logits) @ v
+
+
 class ControlAttention(Attention):
     """diffusers' joint Attention plus the LR-stream projections (`to_*_control`, `to_out_control`)."""
 
@@ -45,6 +64,7 @@ class ControlAttention(Attention):
         self.to_k_control = nn.Linear(self.query_dim, self.inner_kv_dim, bias=True)
         self.to_v_control = nn.Linear(self.query_dim, self.inner_kv_dim, bias=True)
         self.to_out_control = nn.Linear(self.inner_dim, self.out_dim, bias=True)
+        self.core = AttentionCore()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -82,7 +102,7 @@ class ControlAttention(Attention):
             keys.append(ck)
             values.append(cv)
 
-        out = F.scaled_dot_product_attention(torch.cat(queries, 2), torch.cat(keys, 2), torch.cat(values, 2))
+        out = self.core(torch.cat(queries, 2), torch.cat(keys, 2), torch.cat(values, 2))
         b = hidden_states.shape[0]
         out = out.transpose(1, 2).reshape(b, -1, self.heads * out.shape[-1])
         n_img = hidden_states.shape[1]

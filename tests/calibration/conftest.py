@@ -1,6 +1,35 @@
 """Fixtures for the calibration tests."""
 import pytest
 
+from qdit4sr.calibration.layers import example_inputs, used_linears
+from qdit4sr.calibration.stats import CalibrationConfig, collect_activation_stats
+from qdit4sr.models.latents import PixelUnshuffleCodec
+from qdit4sr.models.pipeline import DiT4SRPipeline, PipelineConfig
+from qdit4sr.models.transformer import DiT4SRTransformer2DModel
+from tests.conftest import MICRO_CONFIG, randomize
+
+CALIBRATION_PIPE = PipelineConfig(num_inference_steps=6, shift=1.0, guidance_scale=1.0, tile_size=8, tile_overlap=2,
+                                  min_lr_side=4, color_fix="none")
+
+
+@pytest.fixture(scope="session")
+def calibrated():
+    """(config, FP state dict, activation statistics) of a random micro DiT4SR, calibrated on 4 crops."""
+    model = randomize(DiT4SRTransformer2DModel(**MICRO_CONFIG)).eval()
+    pipe = DiT4SRPipeline(model, PixelUnshuffleCodec(), CALIBRATION_PIPE)
+    layers = used_linears(model, example_inputs(model))
+    stats = collect_activation_stats(pipe, layers, CalibrationConfig(num_images=4, lr_crop=4, batch_size=4),
+                                     progress=False)
+    return MICRO_CONFIG, model.state_dict(), stats
+
+
+def fresh_model(calibrated) -> DiT4SRTransformer2DModel:
+    """A new FP copy of the calibrated micro model."""
+    config, state, _ = calibrated
+    model = DiT4SRTransformer2DModel(**config)
+    model.load_state_dict(state)
+    return model.eval()
+
 
 @pytest.fixture(scope="session")
 def minilm_linear_weights():

@@ -3,41 +3,15 @@ import pytest
 import torch
 
 from qdit4sr.calibration.api import quantize_, quantized_layers
-from qdit4sr.calibration.layers import example_inputs, used_linears
 from qdit4sr.calibration.plan import BitPlan, QDiT4SRConfig
 from qdit4sr.calibration.qlinear import segment_scope
-from qdit4sr.calibration.stats import CalibrationConfig, collect_activation_stats
-from qdit4sr.models.latents import PixelUnshuffleCodec
-from qdit4sr.models.pipeline import DiT4SRPipeline, PipelineConfig
-from qdit4sr.models.transformer import DiT4SRTransformer2DModel
-from tests.conftest import micro_inputs, randomize
-
-PIPE = PipelineConfig(num_inference_steps=6, shift=1.0, guidance_scale=1.0, tile_size=8, tile_overlap=2,
-                      min_lr_side=4, color_fix="none")
-
-
-@pytest.fixture(scope="module")
-def calibrated():
-    from tests.conftest import MICRO_CONFIG
-
-    model = randomize(DiT4SRTransformer2DModel(**MICRO_CONFIG)).eval()
-    pipe = DiT4SRPipeline(model, PixelUnshuffleCodec(), PIPE)
-    layers = used_linears(model, example_inputs(model))
-    stats = collect_activation_stats(pipe, layers, CalibrationConfig(num_images=4, lr_crop=4, batch_size=4),
-                                     progress=False)
-    return MICRO_CONFIG, model.state_dict(), stats
-
-
-def _fresh(calibrated):
-    config, state, _ = calibrated
-    model = DiT4SRTransformer2DModel(**config)
-    model.load_state_dict(state)
-    return model.eval()
+from tests.calibration.conftest import fresh_model
+from tests.conftest import micro_inputs
 
 
 def _output_error(calibrated, qconfig, segment=0):
     config, _, stats = calibrated
-    ref_model, model = _fresh(calibrated), _fresh(calibrated)
+    ref_model, model = fresh_model(calibrated), fresh_model(calibrated)
     plan = quantize_(model, qconfig, stats, progress=False)
     inputs = micro_inputs(config)
     with torch.no_grad(), segment_scope(segment):
@@ -74,17 +48,17 @@ def test_stats_for_unknown_layers_are_refused(calibrated):
 
     bad = replace(stats, layers=["transformer_blocks.0.nope"] + stats.layers[1:])
     with pytest.raises(ValueError, match="lacks"):
-        quantize_(_fresh(calibrated), QDiT4SRConfig(), bad, progress=False)
+        quantize_(fresh_model(calibrated), QDiT4SRConfig(), bad, progress=False)
 
 
 def test_quantized_state_round_trip(calibrated, tmp_path):
     from qdit4sr.calibration.api import load_quantized_, save_quantized
 
     config, _, stats = calibrated
-    model = _fresh(calibrated)
+    model = fresh_model(calibrated)
     plan = quantize_(model, QDiT4SRConfig.preset("qdit4sr", "w4a4", num_segments=2), stats, progress=False)
     save_quantized(model, tmp_path / "q.safetensors")
-    again = _fresh(calibrated)
+    again = fresh_model(calibrated)
     load_quantized_(again, BitPlan.from_json(plan.to_json()), tmp_path / "q.safetensors")
     inputs = micro_inputs(config)
     for k in range(len(plan.segments)):

@@ -43,10 +43,14 @@ def test_statistics_match_a_direct_computation(micro_model):
 
 def test_round_trip_and_validation(tmp_path):
     stats = ActivationStats(["a", "b"], [1000.0, 500.0], np.ones((2, 2)), np.full((2, 2), 3.0),
-                            CalibrationConfig(num_images=1))
+                            CalibrationConfig(num_images=1)).with_logit_range(["core"], 7.5)
+    assert stats.softmax_amax.tolist() == [[7.5, 7.5]]
     stats.save(tmp_path)
     again = ActivationStats.load(tmp_path)
     assert again.layers == ["a", "b"] and np.array_equal(again.amax, stats.amax)
+    assert again.softmax_sites == ["core"] and np.array_equal(again.softmax_amax, stats.softmax_amax)
+    with pytest.raises(ValueError, match="softmax statistics"):
+        ActivationStats(["a"], [1000.0], np.ones((1, 1)), np.ones((1, 1)), CalibrationConfig(), ["core"], np.ones((2, 1)))
     assert again.config == stats.config
     import json
     meta = json.loads((tmp_path / "activation_stats.json").read_text())

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qdit4sr.calibration.api import quantized_layers
 from qdit4sr.calibration.hadamard import apply_hadamard, apply_hadamard_transpose, rotate_weight
 from qdit4sr.calibration.qlinear import NO_ACT_QUANT, QuantLinear, segment_scope
+from qdit4sr.calibration.qsoftmax import quantized_softmaxes
 from qdit4sr.calibration.quantizer import WeightQuantConfig, qmax, quantize_weight
 from qdit4sr.exporter import contract, graph_checks, onnx_export
 from qdit4sr.exporter.external_data import WEIGHTS_FILE, WeightStore
@@ -208,7 +209,13 @@ def _torch_codes(model, inputs, segment):
             r = ((apply_hadamard(args[0]) if mod.hadamard else args[0]) / s).double()
             seen[name] = (torch.clamp(torch.round(r), -qmax(bits), qmax(bits)).numpy(), r.numpy())
 
+    def softmax_hook(mod, args, name):
+        r = (args[0] / mod.scales[segment]).double()
+        seen[name] = (torch.clamp(torch.round(r), -qmax(mod.bits), qmax(mod.bits)).numpy(), r.numpy())
+
     handles = [m.register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n)) for n, m in quantized_layers(model).items()]
+    handles += [m.register_forward_pre_hook(lambda mod, a, n=n: softmax_hook(mod, a, n))
+                for n, m in quantized_softmaxes(model).items()]
     try:
         with torch.no_grad(), segment_scope(segment):
             ref = model(*inputs).numpy()
@@ -275,6 +282,31 @@ def test_segments_differ_more_than_the_tolerance(exported):
             with segment_scope(seg.index):
                 outs.append(q.model(*inputs).numpy())
     assert np.abs(outs[0] - outs[1]).max() > 100 * MODEL_RTOL * np.abs(outs[0]).max()
+
+
+@pytest.mark.parametrize("case", ["w4a4_hsvd", "w8a8_rtn"])
+def test_softmax_input_is_8_bit_with_the_segment_scale(exported, case):
+    q, exports, _ = exported[case]
+    scales = {site.name: site.scales for site in q.plan.softmax}
+    assert len(scales) == len(quantized_softmaxes(q.model)) > 0
+    for seg in exports:
+        for path in seg.graphs.values():
+            model = onnx.load(path, load_external_data=False)
+            producer = {o: n for n in model.graph.node for o in n.output}
+            consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                      if t.data_location != TensorProto.EXTERNAL}  # scales are small, so inline
+            softmaxes = [n for n in model.graph.node if n.op_type == "Softmax"]
+            assert len(softmaxes) == len(scales)
+            for node in softmaxes:
+                dq = producer[node.input[0]]
+                quant = producer[dq.input[0]]
+                site = node.name.split("/")[0]
+                assert dq.op_type == "DequantizeLinear" and quant.op_type == "QuantizeLinear"
+                assert consts[quant.input[2]].dtype == np.int8
+                assert float(consts[dq.input[1]]) == np.float32(scales[site][seg.index])
+                clip = producer[quant.input[0]]
+                assert clip.op_type == "Clip" and float(consts[clip.input[2]]) == pytest.approx(
+                    127 * scales[site][seg.index], rel=1e-6)
 
 
 def test_graphs_pass_the_checker_and_the_lints(exported):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qdit4sr.calibration.plan import BitPlan, LayerPlan, QDiT4SRConfig
+from qdit4sr.calibration.plan import BitPlan, LayerPlan, QDiT4SRConfig, SoftmaxPlan
 from qdit4sr.calibration.stats import ActivationStats, CalibrationConfig
 from qdit4sr.exporter.report import (FIGURES, act_variance_figure, bit_grid_figure, format_value, short_layer_name,
                                      write_report)
@@ -85,6 +85,14 @@ def test_full_report_writes_every_figure_and_table(tmp_path, plan, stats, crops)
     assert "| num_segments | 2 |" in text and "| decomposition | hsvd |" in text and "| vasmp_exact | yes |" in text
     for fig in FIGURES.values():
         assert fig.caption in text
+
+
+def test_softmax_line_states_the_bits_and_logit_range(tmp_path, plan):
+    assert "Softmax input: full precision." in write_report(tmp_path / "fp", plan, None, None, {}).read_text()
+    plan.softmax = [SoftmaxPlan("transformer_blocks.0.attn.core", 8, [0.05, 0.1]),
+                    SoftmaxPlan("transformer_blocks.1.attn.core", 8, [0.02, 0.04])]
+    text = write_report(tmp_path / "q", plan, None, None, {}).read_text()
+    assert "Softmax input: 8-bit static Q/DQ in 2 attention cores, logit range +-2.54 to +-12.7" in text
 
 
 def test_missing_inputs_omit_their_figures(tmp_path, plan):
