@@ -3,6 +3,10 @@
 Layer by layer so the full-size model fits in memory: each weight is rotated and split into its
 full-precision branches, the residue overwrites the original weight, VaSMP picks the weight bits
 from the residues' variances, then each residue is quantized and its nn.Linear replaced.
+
+With `storage_dtype="float16"` (the default) everything kept in floating point (branches, weight
+scales, biases and the unquantized layers) is rounded to fp16 values, which is how the export stores
+it; the torch model still computes in fp32, so it and the exported graphs agree exactly.
 """
 from __future__ import annotations
 
@@ -83,6 +87,23 @@ def _static_scale(v_seg: np.ndarray, amax_seg: np.ndarray, bits: int) -> float:
     return float(min(scale, max(float(amax_seg.max()) / qmax(bits), np.finfo(np.float32).tiny)))
 
 
+def _storage_round(t: torch.Tensor | None, config: QDiT4SRConfig) -> torch.Tensor | None:
+    """t rounded to the storage precision, kept in float32 for compute."""
+    if t is None or config.storage_dtype == "float32":
+        return t
+    return t.detach().float().to(torch.float16).float()
+
+
+def round_unquantized_(model: nn.Module, config: QDiT4SRConfig) -> None:
+    """Round the float parameters and buffers outside the quantized layers to the storage precision."""
+    if config.storage_dtype == "float32":
+        return
+    skip = {f"{name}." for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.dtype == torch.float32 and not any(name.startswith(prefix) for prefix in skip):
+            t.data = t.data.to(torch.float16).float()
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
@@ -114,18 +135,21 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
     for i, name in enumerate(tqdm(names, desc="quantize residues", disable=not progress)):
         layer, br = linears[name], branches.pop(name)
         residual = quantize_weight(layer.weight.data, WeightQuantConfig(
-            bits=int(w_bits[i]), group_size=config.group_size, scale_search=config.scale_search))
+            bits=int(w_bits[i]), group_size=config.group_size, scale_search=config.scale_search,
+            scale_dtype=torch.float16 if config.storage_dtype == "float16" else torch.float32))
         scales = [_static_scale(stats.second_moment[i, s:e], stats.amax[i, s:e], int(a_bits[i, k]))
                   for k, (s, e) in enumerate(segments)]
-        qlayer = QuantLinear(residual, layer.bias, hadamard=config.hadamard, act_bits=list(a_bits[i]),
-                             act_scales=scales, segment_of_step=segment_of_step, up=br.up, down=br.down,
-                             block_sigma=br.sigma, block_u=br.u, block_v=br.v)
+        keep = lambda t: _storage_round(t, config)  # noqa: E731
+        qlayer = QuantLinear(residual, keep(layer.bias), hadamard=config.hadamard, act_bits=list(a_bits[i]),
+                             act_scales=scales, segment_of_step=segment_of_step, up=keep(br.up),
+                             down=keep(br.down), block_sigma=keep(br.sigma), block_u=keep(br.u), block_v=keep(br.v))
         _set_module(model, name, qlayer)
         layer_plans.append(LayerPlan(name=name, in_features=qlayer.in_features, out_features=qlayer.out_features,
                                      weight_bits=int(w_bits[i]), weight_variance=float(variances[i]),
                                      act_bits=[int(b) for b in a_bits[i]], act_scales=scales,
                                      rank=0 if br.up is None else int(br.up.shape[1]),
                                      block_shape=None if br.block_shape is None else list(br.block_shape)))
+    round_unquantized_(model, config)
     softmax = _quantize_softmax_(model, config, stats, segments, segment_of_step)
     plan = BitPlan(config=config, timesteps=list(stats.timesteps), segments=segments, layers=layer_plans,
                    stats={**w_info, **a_info}, softmax=softmax)
@@ -203,4 +227,5 @@ def load_quantized_(model: nn.Module, plan: BitPlan, path) -> None:
             residual, get("bias"), hadamard=plan.config.hadamard, act_bits=lp.act_bits, act_scales=lp.act_scales,
             segment_of_step=segment_of_step, up=get("up"), down=get("down"), block_sigma=get("block_sigma"),
             block_u=get("block_u"), block_v=get("block_v")))
+    round_unquantized_(model, plan.config)
     _load_softmax_(model, plan)

@@ -18,6 +18,7 @@ from ..models.loading import atomic_write
 PLAN_VERSION = 2
 _PRECISION = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+(?:\.\d+)?)$")
 DECOMPOSITIONS = ("rtn", "svd", "hsvd")
+STORAGE_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class QDiT4SRConfig:
     act_bit_choices: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     scale_search: bool = False
     softmax_bits: int = 8             # softmax input; 16 = full precision (always so when act_bits is 16)
+    storage_dtype: str = "float16"    # branches, scales, biases and unquantized weights as deployed
     seed: int = 0
 
     def __post_init__(self):
@@ -53,6 +55,8 @@ class QDiT4SRConfig:
             raise ValueError("uniform activation bits must be an integer")
         if self.softmax_bits != 16 and not 2 <= self.softmax_bits <= 8:
             raise ValueError(f"softmax input bits must lie in 2..8 or be 16, got {self.softmax_bits}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}")
         if self.num_segments < 1 or self.rank < 0:
             raise ValueError("num_segments must be >= 1 and rank >= 0")
 

@@ -68,7 +68,7 @@ class QuantLinear(nn.Module):
         self.group_size = residual.group_size
         self.hadamard = hadamard
         self.register_buffer("qweight", residual.qweight.to(torch.int8))
-        self.register_buffer("weight_scales", residual.scales.float())
+        self.register_buffer("weight_scales", residual.scales.clone())  # float32 or float16, as stored
         # Dequantized once: fake-quant forward passes reuse it.
         self.register_buffer("residual_weight", residual.dequantize(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())

@@ -60,9 +60,12 @@ class WeightQuantConfig:
     bits: int = 4
     group_size: int | None = 64
     scale_search: bool = False
+    scale_dtype: torch.dtype = torch.float32   # float16: scales stored (and the codes rounded) in fp16
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
+        if self.scale_dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"scale_dtype must be torch.float32 or torch.float16, got {self.scale_dtype}")
         if self.group_size is not None and (
             isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
         ):
@@ -74,7 +77,7 @@ class QuantizedWeight:
     """Integer codes plus per-group scales of a linear weight."""
 
     qweight: torch.Tensor  # int8 [out, in]
-    scales: torch.Tensor  # float32 [out, n_groups]
+    scales: torch.Tensor  # float32 or float16 [out, n_groups]
     bits: int
     group_size: int | None
 
@@ -83,11 +86,16 @@ class QuantizedWeight:
         return self.qweight.shape
 
     def dequantize(self) -> torch.Tensor:
-        """Float32 weight [out, in] = code * scale of its group."""
+        """Float32 weight [out, in] = code * scale of its group, in the scales' precision.
+
+        With fp16 scales the product is rounded to fp16, as a DequantizeLinear with an fp16 scale
+        outputs it (the product of a code and an fp16 scale is exact in fp32, so one rounding).
+        """
         out, n_in = self.qweight.shape
         n_groups = self.scales.shape[1]
         codes = self.qweight.to(torch.float32).reshape(out, n_groups, n_in // n_groups)
-        return (codes * self.scales.to(torch.float32)[..., None]).reshape(out, n_in)
+        w = (codes * self.scales.to(torch.float32)[..., None]).reshape(out, n_in)
+        return w.to(self.scales.dtype).to(torch.float32) if self.scales.dtype == torch.float16 else w
 
 
 def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -136,10 +144,14 @@ def quantize_weight(w: torch.Tensor, config: WeightQuantConfig) -> QuantizedWeig
         scale = _search_scale(groups, amax, q)
     else:
         scale = _scale_from_amax(amax, q)
+    if config.scale_dtype == torch.float16:
+        # Round the scale first so the codes are the nearest ones for the scale that is stored.
+        tiny, big = torch.finfo(torch.float16).smallest_normal, torch.finfo(torch.float16).max
+        scale = scale.clamp(tiny, big).to(torch.float16).to(torch.float32)
     codes = _round_codes(groups, scale, q)
     return QuantizedWeight(
         qweight=codes.reshape(w.shape).to(torch.int8),
-        scales=scale.squeeze(-1).contiguous(),
+        scales=scale.squeeze(-1).to(config.scale_dtype).contiguous(),
         bits=config.bits,
         group_size=config.group_size,
     )

@@ -37,6 +37,11 @@ leaves alone. Weight tensors are laid out as the contract expects (down [R, K], 
 u [P, Q, s_o], v [P, Q, s_i]) in both flavours, so one copy in the external-data file serves both;
 the portable flavour transposes them with Transpose nodes on the constants (onnxruntime folds them
 when the session is created).
+
+Float weights (branches, biases) that are exactly fp16 values, which `quantize_` makes them with the
+default storage_dtype "float16", are stored as fp16 and widened by one Cast each; fp16 weight scales
+feed the DequantizeLinear directly (its output is then fp16, as the torch model rounds it) followed by
+a Cast to float32. Activations and the arithmetic stay float32 in both flavours.
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ from ..calibration.qlinear import NO_ACT_QUANT, QuantLinear
 from ..calibration.quantizer import pack_int, qmax
 from . import contract
 from .external_data import WeightStore
+from .fp16_storage import compact
 from .placeholder import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, SOFTMAX_PLACEHOLDER_OP
 
 FLAVOURS = ("portable", "trt")
@@ -110,7 +116,7 @@ def _int_codes(store: WeightStore, name: str, codes: np.ndarray, bits: int) -> T
 
 def _weight_dq(store: WeightStore, layer: QuantLinear, name: str) -> dict[str, WeightDQ]:
     codes = layer.qweight.numpy().T.copy()                       # [K, N]
-    scales = layer.weight_scales.numpy().astype(np.float32)      # [N, n_groups]
+    scales = layer.weight_scales.numpy()                         # [N, n_groups], float32 or float16
     bits = layer.weight_bits
     codes_proto = _int_codes(store, f"{name}.qweight", codes, bits)
     k = layer.in_features
@@ -135,7 +141,7 @@ def _weight_dq(store: WeightStore, layer: QuantLinear, name: str) -> dict[str, W
 def prepare_layer(store: WeightStore, name: str, layer: QuantLinear, input_rank: int) -> LayerSpec:
     """Write one layer's weights into the store and describe it for the rewrite."""
     def arr(suffix: str, t) -> TensorProto | None:
-        return None if t is None else store.array(f"{name}.{suffix}", t.detach().float().numpy())
+        return None if t is None else store.array(f"{name}.{suffix}", compact(t.detach().float().numpy()))
 
     return LayerSpec(
         name=name, in_features=layer.in_features, out_features=layer.out_features, input_rank=input_rank,
@@ -179,7 +185,7 @@ class _Builder:
 
     def __init__(self, graph: gs.Graph):
         self.graph = graph
-        self.constants: dict[str, gs.Constant] = {}
+        self.constants: dict[str, gs.Tensor] = {}  # constants, and the Casts that widen fp16 ones
         self.count = 0
 
     def const(self, value: TensorProto | np.ndarray, name: str | None = None) -> gs.Constant:
@@ -192,6 +198,15 @@ class _Builder:
             if name not in self.constants:
                 self.constants[name] = gs.Constant(name, np.asarray(value))
         return self.constants[name]
+
+    def weight(self, value: TensorProto) -> gs.Tensor:
+        """A stored float weight as float32: the constant itself, or one shared Cast of its fp16 copy."""
+        if value.data_type != TensorProto.FLOAT16:
+            return self.const(value)
+        key = f"{value.name}.fp32"
+        if key not in self.constants:
+            self.constants[key] = self.op(value.name, "Cast", [self.const(value)], {"to": TensorProto.FLOAT})
+        return self.constants[key]
 
     def shape(self, dims: list[int]) -> gs.Constant:
         return self.const(np.array(dims, dtype=np.int64), "shape_" + "_".join(map(str, dims)))
@@ -250,18 +265,21 @@ def _rewrite_softmax(b: _Builder, node: gs.Node, spec: SoftmaxSpec, segment: int
 def _residue(b: _Builder, spec: LayerSpec, x_q: gs.Variable, flavour: str) -> gs.Variable:
     w = spec.weight[flavour]
     attrs = {"axis": w.axis} | ({"block_size": w.block_size} if w.block_size else {})
-    weight = b.op(spec.name, "DequantizeLinear", [b.const(w.codes), b.const(w.scale)], attrs)
+    weight = b.op(spec.name, "DequantizeLinear", [b.const(w.codes), b.const(w.scale)], attrs,
+                  dtype=np.float16 if w.scale.data_type == TensorProto.FLOAT16 else np.float32)
+    if w.scale.data_type == TensorProto.FLOAT16:  # fp16 scales give an fp16 weight; the layer computes in fp32
+        weight = b.op(spec.name, "Cast", [weight], {"to": TensorProto.FLOAT})
     if w.reshape is not None:
         weight = b.op(spec.name, "Reshape", [weight, b.shape(list(w.reshape))])
     y = b.op(spec.name, "MatMul", [x_q, weight])
-    return y if spec.bias is None else b.op(spec.name, "Add", [y, b.const(spec.bias)])
+    return y if spec.bias is None else b.op(spec.name, "Add", [y, b.weight(spec.bias)])
 
 
 def _branches_portable(b: _Builder, spec: LayerSpec, x_h: gs.Variable) -> gs.Variable | None:
     out = None
     if spec.down is not None:
-        down_t = b.op(spec.name, "Transpose", [b.const(spec.down)], {"perm": [1, 0]})
-        up_t = b.op(spec.name, "Transpose", [b.const(spec.up)], {"perm": [1, 0]})
+        down_t = b.op(spec.name, "Transpose", [b.weight(spec.down)], {"perm": [1, 0]})
+        up_t = b.op(spec.name, "Transpose", [b.weight(spec.up)], {"perm": [1, 0]})
         out = b.op(spec.name, "MatMul", [b.op(spec.name, "MatMul", [x_h, down_t]), up_t])
     if spec.sigma is not None:
         local = _block_rank1_portable(b, spec, x_h)
@@ -280,10 +298,10 @@ def _block_rank1_portable(b: _Builder, spec: LayerSpec, x_h: gs.Variable) -> gs.
     p, q = spec.sigma.dims
     n = spec.input_rank - 1
     ones = [1] * (n - 1)
-    v_t = b.op(spec.name, "Transpose", [b.const(spec.block_v)], {"perm": [1, 2, 0]})            # [Q, s_i, P]
+    v_t = b.op(spec.name, "Transpose", [b.weight(spec.block_v)], {"perm": [1, 2, 0]})           # [Q, s_i, P]
     v_t = b.op(spec.name, "Reshape", [v_t, b.shape([q] + ones + [s_i, p])])
-    sigma = b.op(spec.name, "Reshape", [b.const(spec.sigma), b.shape([p] + [1] * n + [q])])     # [P, 1.., Q]
-    u = b.op(spec.name, "Reshape", [b.const(spec.block_u), b.shape([p] + ones + [q, s_o])])    # [P, 1.., Q, s_o]
+    sigma = b.op(spec.name, "Reshape", [b.weight(spec.sigma), b.shape([p] + [1] * n + [q])])    # [P, 1.., Q]
+    u = b.op(spec.name, "Reshape", [b.weight(spec.block_u), b.shape([p] + ones + [q, s_o])])   # [P, 1.., Q, s_o]
     xr = b.op(spec.name, "Reshape", [x_h, b.shape([0] * n + [q, s_i])])                        # [L, Q, s_i]
     xr = b.op(spec.name, "Transpose", [xr], {"perm": [n] + list(range(n)) + [n + 1]})          # [Q, L, s_i]
     t = b.op(spec.name, "MatMul", [xr, v_t])                                                   # [Q, L, P]
@@ -299,13 +317,13 @@ def _branches_trt(b: _Builder, spec: LayerSpec, x_h: gs.Variable, out_shape) -> 
     common = dict(in_features=spec.in_features, out_features=spec.out_features, aot=1)
     if spec.down is not None:
         attrs = contract.plugin_attributes("LowRankBranch", rank=spec.rank, **common)
-        out = b.op(spec.name, "LowRankBranch", [x_h, b.const(spec.down), b.const(spec.up)], attrs,
+        out = b.op(spec.name, "LowRankBranch", [x_h, b.weight(spec.down), b.weight(spec.up)], attrs,
                    shape=out_shape, domain=contract.DOMAIN)
     if spec.sigma is not None:
         s_o, s_i = spec.block_shape
         attrs = contract.plugin_attributes("BlockRank1Branch", block_out=s_o, block_in=s_i, **common)
         local = b.op(spec.name, "BlockRank1Branch",
-                     [x_h, b.const(spec.sigma), b.const(spec.block_u), b.const(spec.block_v)], attrs,
+                     [x_h, b.weight(spec.sigma), b.weight(spec.block_u), b.weight(spec.block_v)], attrs,
                      shape=out_shape, domain=contract.DOMAIN)
         out = local if out is None else b.op(spec.name, "Add", [out, local])
     return out

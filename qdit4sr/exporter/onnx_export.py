@@ -40,6 +40,7 @@ from ..calibration.qlinear import QuantLinear
 from ..calibration.qsoftmax import QuantSoftmax, quantized_softmaxes
 from ..models.loading import atomic_write
 from .external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE, WeightStore, sha256_file
+from .fp16_storage import compact_initializers
 from .graph_checks import check_onnx, check_trt
 from .graph_rewrite import FLAVOURS, HadamardFactors, SoftmaxSpec, prepare_layer, rewrite_segment
 from .placeholder import BATCH_AXIS, INPUT_NAMES, OUTPUT_NAME, trace_base_graph
@@ -211,6 +212,7 @@ def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, 
     try:
         base = trace_base_graph(model, layers, tile_latent, text_tokens, softmaxes)
         _check_liftable(base.model)
+        base.model = compact_initializers(base.model)
         graphs: dict[tuple[int, str], onnx.ModelProto] = {}
         with WeightStore(staging / WEIGHTS_FILE, external_threshold_bytes) as store:
             store.externalize(base.model)

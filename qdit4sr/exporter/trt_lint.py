@@ -12,7 +12,8 @@ them on the ONNX file alone:
     constant-scale    constant scales and zero points; per-tensor (scalar) activation scales
     zero-point        zero points all zero (symmetric quantization only)
     plugin-attributes custom nodes are qdit4sr plugins that follow the plugin contract
-    static-shape      static graph inputs except the batch axis; constant plugin weights
+    static-shape      static graph inputs except the batch axis; constant plugin weights (an initializer,
+                      or a Cast of one for weights stored in fp16)
 """
 from __future__ import annotations
 
@@ -101,6 +102,12 @@ class _Graph:
         producer = self.producers.get(name)
         return self.is_constant(name) or (producer is not None and _is_qdq(producer, "QuantizeLinear")
                                           and self.is_constant(producer.input[0]))
+
+    def is_stored_weight(self, name: str) -> bool:
+        """A constant, or a Cast of a constant (weights stored in fp16 and widened in the graph)."""
+        producer = self.producers.get(name)
+        return self.is_constant(name) or (producer is not None and producer.op_type == "Cast"
+                                          and producer.domain in _DEFAULT_DOMAINS and self.is_constant(producer.input[0]))
 
     def qdq_nodes(self) -> Iterator[tuple[str, onnx.NodeProto]]:
         return ((name, node) for name, node in self.nodes if _is_qdq(node))
@@ -359,10 +366,10 @@ def _check_static_shapes(g: _Graph) -> Iterator[Violation]:
         op = contract.PLUGIN_OPS.get(node.op_type) if node.domain == contract.DOMAIN else None
         for i in op.constant_inputs if op else ():
             tensor = _optional_input(node, i)
-            if tensor is not None and not g.is_constant(tensor):
+            if tensor is not None and not g.is_stored_weight(tensor):
                 yield Violation("static-shape", name, f"weight input {op.inputs[i].name} ({tensor}) is not a "
                                                       f"constant; the plugin bakes weights in at build time: store "
-                                                      f"it as an initializer")
+                                                      f"it as an initializer (or a Cast of one)")
 
 
 def _input_shape_problem(vi: onnx.ValueInfoProto) -> str | None:

@@ -64,3 +64,29 @@ def test_quantized_state_round_trip(calibrated, tmp_path):
     for k in range(len(plan.segments)):
         with torch.no_grad(), segment_scope(k):
             assert torch.equal(model(*inputs), again(*inputs))
+
+
+@pytest.mark.parametrize("storage", ["float16", "float32"])
+def test_storage_precision_of_everything_kept_in_floating_point(calibrated, storage):
+    def exact16(t):
+        return torch.equal(t.float().half().float(), t.float())
+
+    model = fresh_model(calibrated)
+    quantize_(model, QDiT4SRConfig.preset("qdit4sr", "w4a4", num_segments=2, storage_dtype=storage), calibrated[2],
+              progress=False)
+    layers = quantized_layers(model)
+    floats = [t for m in layers.values() for t in (m.bias, m.up, m.down, m.block_sigma, m.block_u, m.block_v)
+              if t is not None] + list(model.parameters())
+    scales = [m.weight_scales for m in layers.values()]
+    if storage == "float16":
+        assert all(exact16(t) for t in floats)
+        assert all(s.dtype == torch.float16 for s in scales)
+    else:  # untouched: random float32 weights are almost never fp16 values
+        assert sum(not exact16(t) for t in floats) > 0.9 * len(floats)
+        assert all(s.dtype == torch.float32 for s in scales)
+
+
+def test_fp16_storage_costs_little_against_float32(calibrated):
+    err16, _, _ = _output_error(calibrated, QDiT4SRConfig.preset("rtn", "w8a8"))
+    err32, _, _ = _output_error(calibrated, QDiT4SRConfig.preset("rtn", "w8a8", storage_dtype="float32"))
+    assert abs(err16 - err32) < 0.05 * err32, (err16, err32)

@@ -123,7 +123,7 @@ def test_softmax_quantization_costs_little_at_8_bits(calibrated):
     """Only the softmax input quantized (weights and activations FP): the output stays close to FP."""
     config, _, stats = calibrated
     ref, model = fresh_model(calibrated), fresh_model(calibrated)
-    plan = quantize_(model, QDiT4SRConfig.preset("rtn", "w8a8"), stats, progress=False)
+    plan = quantize_(model, QDiT4SRConfig.preset("rtn", "w8a8", storage_dtype="float32"), stats, progress=False)
     for name, layer in model.named_modules():  # undo the linears: keep only the softmax quantizer
         if type(layer).__name__ == "QuantLinear":
             parent, _, child = name.rpartition(".")

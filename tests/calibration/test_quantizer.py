@@ -142,6 +142,27 @@ def test_rtn_error_bounded_by_half_step(bits, group_size):
     assert torch.all(groups.abs().amax(dim=-1) == qmax(bits))
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_fp16_scales_give_the_nearest_codes_and_an_fp16_weight(bits):
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(bits)) * 0.02
+    qw = quantize_weight(w, WeightQuantConfig(bits=bits, group_size=64, scale_dtype=torch.float16))
+    assert qw.scales.dtype == torch.float16
+    scale = qw.scales.double().repeat_interleave(64, dim=1)
+    # codes are the nearest ones for the stored (fp16) scale, clamped to the range
+    expected = torch.clamp(torch.round(w.double() / scale), -qmax(bits), qmax(bits))
+    assert torch.equal(qw.qweight.double(), expected)
+    # dequantized like DequantizeLinear with an fp16 scale: the exact product rounded once to fp16
+    assert torch.equal(qw.dequantize(), (qw.qweight.double() * scale).half().float())
+    # the fp16 rounding of the scale costs little: error within the half step plus fp16 rounding
+    err = (qw.dequantize().double() - w.double()).abs()
+    assert torch.all(err <= scale / 2 * 1.002 + scale * qmax(bits) * 2.0 ** -11 + 1e-12)
+
+
+def test_bad_scale_dtype_is_refused():
+    with pytest.raises(ValueError, match="scale_dtype"):
+        WeightQuantConfig(scale_dtype=torch.bfloat16)
+
+
 def test_per_channel_scale_matches_amax():
     w = torch.randn(8, 96, dtype=torch.float64)
     qw = quantize_weight(w, WeightQuantConfig(bits=4, group_size=None))

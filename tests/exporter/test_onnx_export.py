@@ -20,7 +20,7 @@ from qdit4sr.calibration.qlinear import NO_ACT_QUANT, QuantLinear, segment_scope
 from qdit4sr.calibration.qsoftmax import quantized_softmaxes
 from qdit4sr.calibration.quantizer import WeightQuantConfig, qmax, quantize_weight
 from qdit4sr.exporter import contract, graph_checks, onnx_export
-from qdit4sr.exporter.external_data import WEIGHTS_FILE, WeightStore
+from qdit4sr.exporter.external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE, WeightStore
 from qdit4sr.exporter.graph_rewrite import HadamardFactors, prepare_layer, rewrite_segment
 from qdit4sr.exporter.onnx_export import export_segments
 from qdit4sr.exporter.placeholder import INPUT_NAMES, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
@@ -168,7 +168,12 @@ def exported(tmp_path_factory):
         "w4a4_hsvd": (dict(preset="qdit4sr", precision="w4a4", rank=8, num_segments=2, boost=W4A4_BOOST), "both"),
         # the published dit4sr_q variant: to_k_control is computed and unused (dead code in the graph)
         "w8a8_rtn": (dict(preset="rtn", precision="w8a8", model_config={"variant": "dit4sr_q"}), "portable"),
-        "w4a6_svd_per_channel": (dict(preset="svdquant", precision="w4a6", rank=8, group_size=None), "both"),
+        # the same model and plan with float32 storage: the fp16 export must halve its float weights
+        "w4a4_hsvd_fp32": (dict(preset="qdit4sr", precision="w4a4", rank=8, num_segments=2, boost=W4A4_BOOST,
+                                storage_dtype="float32"), "portable"),
+        # float32 storage: the branches, scales and FP layers keep every bit
+        "w4a6_svd_per_channel": (dict(preset="svdquant", precision="w4a6", rank=8, group_size=None,
+                                      storage_dtype="float32"), "both"),
     }
     out = {}
     for name, (kwargs, flavour) in cases.items():
@@ -349,6 +354,63 @@ def test_weights_are_really_int4_or_int8(exported, case):
     if case == "w4a4_hsvd":
         sizes = {t.data_type for n, t in inits.items() if n.endswith(".qweight")}
         assert sizes == {TensorProto.INT4, TensorProto.INT8}
+
+
+def test_float_weights_are_stored_in_the_plan_precision(exported):
+    """fp16 storage: branches, scales, biases and the FP layers are FLOAT16 initializers, each widened by
+    a Cast (weight DQs output fp16 then Cast); float32 storage keeps them FLOAT. Bit-exactness of the
+    stored values is what the graph-vs-torch comparisons check."""
+    for case, expected in (("w4a4_hsvd", TensorProto.FLOAT16), ("w4a6_svd_per_channel", TensorProto.FLOAT)):
+        q, exports, _ = exported[case]
+        for path in exports[0].graphs.values():
+            model = onnx.load(path, load_external_data=False)
+            inits = {t.name: t for t in model.graph.initializer}
+            layer = q.plan.layers[0].name
+            for suffix in ("lowrank_down", "lowrank_up", "bias", "weight_scale"):
+                names = [n for n in inits if n.startswith(f"{layer}.{suffix}")]
+                assert names and all(inits[n].data_type == expected for n in names), (case, suffix)
+            hadamard = [t for n, t in inits.items() if n.startswith("hadamard_")]
+            assert hadamard and all(t.data_type == TensorProto.FLOAT for t in hadamard)  # 1/sqrt(m): not exact
+            large = {n: t.data_type for n, t in inits.items() if t.data_location == TensorProto.EXTERNAL
+                     and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and not n.startswith("hadamard_")}
+            assert len(large) > 20 and set(large.values()) == {expected}, case  # FP layers too, e.g. the embedders
+            casts = [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in inits]
+            assert bool(casts) == (expected == TensorProto.FLOAT16)
+            assert all(inits[n.input[0]].data_type == TensorProto.FLOAT16 for n in casts)
+            for node in model.graph.node:  # every weight DQ with an fp16 scale is followed by a Cast
+                if node.op_type == "DequantizeLinear" and inits.get(node.input[1]) is not None \
+                        and inits[node.input[1]].data_type == TensorProto.FLOAT16:
+                    users = [n for n in model.graph.node if node.output[0] in n.input]
+                    assert [u.op_type for u in users] == ["Cast"], node.name
+
+
+def _external_bytes(path: Path) -> dict[str, tuple[int, int, int]]:
+    """Per external initializer (name without the .fp16 suffix): (dtype, bytes, offset in the weights file)."""
+    out = {}
+    for t in onnx.load(path, load_external_data=False).graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            out[t.name.removesuffix(".fp16")] = (t.data_type, int(info["length"]), int(info["offset"]))
+    return out
+
+
+def test_fp16_storage_halves_the_float_weights(exported):
+    half = _external_bytes(exported["w4a4_hsvd"][1][0].graphs["portable"])
+    full = _external_bytes(exported["w4a4_hsvd_fp32"][1][0].graphs["portable"])
+    assert set(half) <= set(full)
+    for name in set(full) - set(half):  # half the bytes fell under the threshold: stored inline
+        assert full[name][0] == TensorProto.FLOAT and full[name][1] // 2 < DEFAULT_THRESHOLD_BYTES, name
+    floats = [n for n, (dtype, *_) in full.items() if dtype == TensorProto.FLOAT and not n.startswith("hadamard_")]
+    assert len(floats) > 20
+    for name in floats:
+        if name in half:
+            assert half[name][:2] == (TensorProto.FLOAT16, full[name][1] // 2), name
+    for name, (dtype, length, _) in full.items():  # integer codes and Hadamard factors are unchanged in size
+        if name in half and name not in floats:
+            assert half[name][:2] == (dtype, length), name
+    sizes = [exported[c][1][0].weights.stat().st_size for c in ("w4a4_hsvd", "w4a4_hsvd_fp32")]
+    unique_float_bytes = sum({full[n][2]: full[n][1] for n in floats}.values())
+    assert sizes[1] - sizes[0] >= 0.45 * unique_float_bytes  # alignment padding aside
 
 
 def test_shared_weights_file_is_written_once(exported):

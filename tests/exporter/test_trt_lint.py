@@ -39,16 +39,18 @@ def clean_model() -> onnx.ModelProto:
     x -> Q/DQ (INT8, scalar Constant scale) -> MatMul with an INT4 [K, N] weight blocked by 64 on K
                                             -> MatMul with an INT4 [N, K] weight blocked by 128 on K (transposed)
       -> MatMul with a per-channel INT8 weight with a zero zero point
-    x -> LowRankBranch, x -> BlockRank1Branch; everything is summed.
+    x -> LowRankBranch, x -> BlockRank1Branch (sigma stored fp16 and widened by a Cast); everything is summed.
+    The INT4 [N, K] weight has an fp16 scale: its DQ outputs fp16, then a Cast to float32.
     """
     inits = [
         _zeros("act_zp", TensorProto.INT8),
         _int4("w4", K, N), _floats("w4_scale", K // 64, N),
-        _int4("w4t", N, K), _floats("w4t_scale", N, K // 128),
+        _int4("w4t", N, K), numpy_helper.from_array(_rng.random((N, K // 128)).astype(np.float16), "w4t_scale"),
         helper.make_tensor("w8", TensorProto.INT8, [N, N], _rng.integers(-127, 128, N * N).tolist()),
         _floats("w8_scale", N), _zeros("w8_zp", TensorProto.INT8, N),
         _floats("lr_down", RANK, K), _floats("lr_up", N, RANK),
-        _floats("br_sigma", P, Q), _floats("br_u", P, Q, S_O), _floats("br_v", P, Q, S_I),
+        numpy_helper.from_array(_rng.random((P, Q)).astype(np.float16), "br_sigma_fp16"),
+        _floats("br_u", P, Q, S_O), _floats("br_v", P, Q, S_I),
     ]
     nodes = [
         helper.make_node("Constant", [], ["act_scale"], name="act_scale_const",
@@ -57,8 +59,10 @@ def clean_model() -> onnx.ModelProto:
         helper.make_node("DequantizeLinear", ["x_q", "act_scale", "act_zp"], ["x_dq"], name="dq_act"),
         helper.make_node("DequantizeLinear", ["w4", "w4_scale"], ["w4_f"], name="dq_w4", axis=0, block_size=64),
         helper.make_node("MatMul", ["x_dq", "w4_f"], ["y1"], name="mm_w4"),
-        helper.make_node("DequantizeLinear", ["w4t", "w4t_scale"], ["w4t_f"], name="dq_w4t", axis=1, block_size=128),
+        helper.make_node("DequantizeLinear", ["w4t", "w4t_scale"], ["w4t_h"], name="dq_w4t", axis=1, block_size=128),
+        helper.make_node("Cast", ["w4t_h"], ["w4t_f"], name="cast_w4t", to=TensorProto.FLOAT),
         helper.make_node("Transpose", ["w4t_f"], ["w4t_ft"], name="t_w4t", perm=[1, 0]),
+        helper.make_node("Cast", ["br_sigma_fp16"], ["br_sigma"], name="cast_sigma", to=TensorProto.FLOAT),
         helper.make_node("MatMul", ["x_dq", "w4t_ft"], ["y1t"], name="mm_w4t"),
         helper.make_node("DequantizeLinear", ["w8", "w8_scale", "w8_zp"], ["w8_f"], name="dq_w8", axis=0),
         helper.make_node("MatMul", ["y1", "w8_f"], ["y2"], name="mm_w8"),
@@ -178,6 +182,13 @@ def _plugin_weight_from_input(m):
     m.graph.input.append(helper.make_tensor_value_info("lr_down", TensorProto.FLOAT, [RANK, K]))
 
 
+def _plugin_weight_cast_from_input(m):
+    kept = [t for t in m.graph.initializer if t.name != "br_sigma_fp16"]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept)
+    m.graph.input.append(helper.make_tensor_value_info("br_sigma_fp16", TensorProto.FLOAT16, [P, Q]))
+
+
 def _block_out_mismatch(m):
     _set_attr(_node(m, "blockrank1"), "block_out", S_O // 2)
 
@@ -198,6 +209,7 @@ VIOLATIONS: dict[str, tuple[Callable[[onnx.ModelProto], None], str, str]] = {
     "int4-graph-input": (_int4_graph_input, "int4-weight-only", "packed"),
     "quantize-default-uint8": (_quantize_without_zero_point, "act-int8-only", "q_act"),
     "plugin-weight-not-constant": (_plugin_weight_from_input, "static-shape", "lowrank"),
+    "plugin-weight-cast-of-input": (_plugin_weight_cast_from_input, "static-shape", "blockrank1"),
     "plugin-block-out-mismatch": (_block_out_mismatch, "plugin-attributes", "blockrank1"),
 }
 
