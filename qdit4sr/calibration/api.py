@@ -135,7 +135,7 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
     for i, name in enumerate(tqdm(names, desc="quantize residues", disable=not progress)):
         layer, br = linears[name], branches.pop(name)
         residual = quantize_weight(layer.weight.data, WeightQuantConfig(
-            bits=int(w_bits[i]), group_size=config.group_size, scale_search=config.scale_search,
+            bits=int(w_bits[i]), group_size=config.group_size_for(int(w_bits[i])), scale_search=config.scale_search,
             scale_dtype=torch.float16 if config.storage_dtype == "float16" else torch.float32))
         scales = [_static_scale(stats.second_moment[i, s:e], stats.amax[i, s:e], int(a_bits[i, k]))
                   for k, (s, e) in enumerate(segments)]
@@ -222,7 +222,8 @@ def load_quantized_(model: nn.Module, plan: BitPlan, path) -> None:
         get = lambda b: tensors.get(f"{lp.name}.{b}")  # noqa: E731
         if get("qweight") is None or tuple(get("qweight").shape) != (lp.out_features, lp.in_features):
             raise ValueError(f"quantized state has no valid residue for {lp.name}")
-        residual = QuantizedWeight(get("qweight"), get("weight_scales"), lp.weight_bits, plan.config.group_size)
+        residual = QuantizedWeight(get("qweight"), get("weight_scales"), lp.weight_bits,
+                                   plan.config.group_size_for(lp.weight_bits))
         _set_module(model, lp.name, QuantLinear(
             residual, get("bias"), hadamard=plan.config.hadamard, act_bits=lp.act_bits, act_scales=lp.act_scales,
             segment_of_step=segment_of_step, up=get("up"), down=get("down"), block_sigma=get("block_sigma"),

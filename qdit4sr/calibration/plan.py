@@ -27,7 +27,8 @@ class QDiT4SRConfig:
 
     weight_bits: float = 4.0          # VaSMP: weighted-mean budget; otherwise the uniform width
     act_bits: float = 4.0             # VaTMP: per-layer mean over steps; otherwise uniform; 16 = FP activations
-    group_size: int | None = 64
+    group_size: int | None = 64       # layers with <= 4 weight bits (INT4 blocks); None = per output channel
+    wide_group_size: int | None = None  # layers with > 4 bits (INT8 container): TensorRT blocks only INT4
     decomposition: str = "hsvd"       # "rtn" (no branch), "svd" (global low rank), "hsvd" (global + block rank-1)
     rank: int = 32
     mixed_weight_bits: bool = True    # VaSMP
@@ -65,6 +66,9 @@ class QDiT4SRConfig:
         if self.act_bits == 16:
             return False
         return self.act_bits <= 4 if self.temporal_act_bits is None else self.temporal_act_bits
+
+    def group_size_for(self, weight_bits: int) -> int | None:
+        return self.group_size if weight_bits <= 4 else self.wide_group_size
 
     @property
     def quantize_softmax(self) -> bool:

@@ -154,6 +154,15 @@ def check_tile(config, tile_latent: int, text_tokens: int) -> None:
         raise ValueError(f"text_tokens must be a positive int, got {text_tokens!r}")
 
 
+def check_trt_weight_layout(layers: dict[str, QuantLinear]) -> None:
+    """TensorRT blocks only INT4 weights: layers stored as INT8 (> 4 bits) must be per output channel."""
+    blocked = [name for name, layer in layers.items() if layer.weight_bits > 4 and layer.group_size is not None]
+    if blocked:
+        raise ValueError(f"{len(blocked)} layers with more than 4 weight bits are quantized in groups (e.g. "
+                         f"{blocked[0]}), which TensorRT does not run as INT8: quantize with wide_group_size=None "
+                         f"(the default) or export only the portable flavour")
+
+
 def _check_opset(opset: int) -> None:
     if not MIN_OPSET <= opset <= min(MAX_OPSET, onnx.defs.onnx_opset_version()):
         raise ValueError(f"opset must lie in {MIN_OPSET}..{MAX_OPSET} (INT4 and blocked Q/DQ need 21), got {opset}")
@@ -207,6 +216,8 @@ def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, 
     check_tile(model.config, tile_latent, text_tokens)
     layers = check_plan_matches(model, plan)
     softmaxes = check_softmax_matches(model, plan)
+    if "trt" in flavours:
+        check_trt_weight_layout(layers)
     out_dir = Path(out_dir)
     staging = _staging_dir(out_dir)
     try:

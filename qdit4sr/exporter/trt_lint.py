@@ -7,6 +7,7 @@ them on the ONNX file alone:
     opset             default-domain opset >= 21 (INT4 and blocked Q/DQ)
     int4-weight-only  INT4 only as the constant input of DequantizeLinear
     int4-block        INT4 weights blocked (block_size 64 or 128) along one of the last two axes
+    block-int4-only   block quantization (block_size > 0) only for INT4 weights; INT8 per channel or tensor
     weight-dtype      weights quantized to INT8, INT4 or FP8 E4M3 only
     act-int8-only     activations quantized to INT8 (or FP8 E4M3) only
     constant-scale    constant scales and zero points; per-tensor (scalar) activation scales
@@ -289,6 +290,16 @@ def _int4_block_problems(g: _Graph, node: onnx.NodeProto) -> list[str]:
     return problems
 
 
+def _check_block_int4_only(g: _Graph) -> Iterator[Violation]:
+    for name, node in g.qdq_nodes():
+        dtype = _quantized_dtype(g, node)
+        if _attr(node, "block_size", 0) > 0 and dtype not in (TensorProto.INT4, None):
+            yield Violation("block-int4-only", name,
+                            f"{node.op_type} of {node.input[0]} is blocked (block_size {_attr(node, 'block_size')}) "
+                            f"with {_dtype_name(dtype)} codes; TensorRT documents block quantization for INT4 "
+                            f"weights only: quantize wider layers per output channel (wide_group_size=None)")
+
+
 def _check_weight_dtype(g: _Graph) -> Iterator[Violation]:
     allowed = ", ".join(_dtype_name(d) for d in WEIGHT_DTYPES)
     for name, node in g.qdq_nodes():
@@ -387,6 +398,7 @@ RULES: dict[str, Callable[[_Graph], Iterable[Violation]]] = {
     "opset": _check_opset,
     "int4-weight-only": _check_int4_weight_only,
     "int4-block": _check_int4_block,
+    "block-int4-only": _check_block_int4_only,
     "weight-dtype": _check_weight_dtype,
     "act-int8-only": _check_act_int8_only,
     "constant-scale": _check_constant_scale,

@@ -167,7 +167,9 @@ def exported(tmp_path_factory):
         # W4A4 H-SVD with VaSMP (two boosted layers get wider weights) and VaTMP segments
         "w4a4_hsvd": (dict(preset="qdit4sr", precision="w4a4", rank=8, num_segments=2, boost=W4A4_BOOST), "both"),
         # the published dit4sr_q variant: to_k_control is computed and unused (dead code in the graph)
-        "w8a8_rtn": (dict(preset="rtn", precision="w8a8", model_config={"variant": "dit4sr_q"}), "portable"),
+        # INT8 weights in groups of 64 (portable only: TensorRT blocks only INT4), the [K/G, G, N] layout
+        "w8a8_rtn": (dict(preset="rtn", precision="w8a8", model_config={"variant": "dit4sr_q"}, wide_group_size=64),
+                     "portable"),
         # the same model and plan with float32 storage: the fp16 export must halve its float weights
         "w4a4_hsvd_fp32": (dict(preset="qdit4sr", precision="w4a4", rank=8, num_segments=2, boost=W4A4_BOOST,
                                 storage_dtype="float32"), "portable"),
@@ -312,6 +314,18 @@ def test_softmax_input_is_8_bit_with_the_segment_scale(exported, case):
                 clip = producer[quant.input[0]]
                 assert clip.op_type == "Clip" and float(consts[clip.input[2]]) == pytest.approx(
                     127 * scales[site][seg.index], rel=1e-6)
+
+
+def test_int8_weights_are_per_channel_by_default_and_blocked_ones_are_refused_for_trt(exported, tmp_path):
+    q, _, _ = exported["w4a4_hsvd"]
+    wide = [l for l in quantized_layers(q.model).values() if l.weight_bits > 4]
+    assert wide and all(l.group_size is None and l.weight_scales.shape[1] == 1 for l in wide)
+    assert all(l.group_size == 64 for l in quantized_layers(q.model).values() if l.weight_bits <= 4)
+    q8, _, _ = exported["w8a8_rtn"]
+    assert all(l.group_size == 64 for l in quantized_layers(q8.model).values())
+    with pytest.raises(ValueError, match="wide_group_size=None"):
+        export_segments(q8.model, q8.plan, tmp_path / "out", TILE, TOKENS, flavour="trt", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_graphs_pass_the_checker_and_the_lints(exported):

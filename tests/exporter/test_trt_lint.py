@@ -189,6 +189,13 @@ def _plugin_weight_cast_from_input(m):
     m.graph.input.append(helper.make_tensor_value_info("br_sigma_fp16", TensorProto.FLOAT16, [P, Q]))
 
 
+def _blocked_int8_weight(m):
+    _replace_init(m, helper.make_tensor("w8", TensorProto.INT8, [N, N], _rng.integers(-127, 128, N * N).tolist()))
+    _replace_init(m, _floats("w8_scale", N // 32, N))
+    _replace_init(m, _zeros("w8_zp", TensorProto.INT8, N // 32, N))
+    _set_attr(_node(m, "dq_w8"), "block_size", 32)
+
+
 def _block_out_mismatch(m):
     _set_attr(_node(m, "blockrank1"), "block_out", S_O // 2)
 
@@ -210,6 +217,7 @@ VIOLATIONS: dict[str, tuple[Callable[[onnx.ModelProto], None], str, str]] = {
     "quantize-default-uint8": (_quantize_without_zero_point, "act-int8-only", "q_act"),
     "plugin-weight-not-constant": (_plugin_weight_from_input, "static-shape", "lowrank"),
     "plugin-weight-cast-of-input": (_plugin_weight_cast_from_input, "static-shape", "blockrank1"),
+    "blocked-int8-weight": (_blocked_int8_weight, "block-int4-only", "dq_w8"),
     "plugin-block-out-mismatch": (_block_out_mismatch, "plugin-attributes", "blockrank1"),
 }
 
