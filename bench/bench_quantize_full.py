@@ -4,24 +4,33 @@ full-size DiT4SR transformer (random weights), on this machine's CPU.
     python bench/bench_quantize_full.py [--layers N] [--threads 2]
 
 Goal: under 10 minutes on 2 cores, peak memory under 1.5x the fp32 model. `--layers` builds fewer blocks
-(same width) for a quick run; the table then also shows the per-block extrapolation to 24 blocks.
+(same width) for a quick run; the table then also shows the per-block extrapolation to 24 blocks. The last
+rows time the block-shape search alone on both layer shapes (median of 3): the exhaustive search over every
+feasible shape with full SVDs, as a baseline, against the library's search over the finest feasible shapes.
 """
 from __future__ import annotations
 
 import resource
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import click
 import numpy as np
 import torch
 
-from qdit4sr.calibration.api import quantize_
-from qdit4sr.calibration.layers import example_inputs, used_linears
-from qdit4sr.calibration.plan import QDiT4SRConfig
-from qdit4sr.calibration.qsoftmax import attention_cores
-from qdit4sr.calibration.stats import ActivationStats, CalibrationConfig
-from qdit4sr.models.config import DIT4SR_CONFIG
-from qdit4sr.models.transformer import DiT4SRTransformer2DModel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout as well
+
+from qdit4sr.calibration.api import quantize_  # noqa: E402
+from qdit4sr.calibration.hsvd import (DEFAULT_BLOCK_CANDIDATES, _blocks, choose_block_shape,  # noqa: E402
+                                      feasible_block_shapes)
+from qdit4sr.calibration.layers import example_inputs, used_linears  # noqa: E402
+from qdit4sr.calibration.plan import QDiT4SRConfig  # noqa: E402
+from qdit4sr.calibration.qsoftmax import attention_cores  # noqa: E402
+from qdit4sr.calibration.stats import ActivationStats, CalibrationConfig  # noqa: E402
+from qdit4sr.models.config import DIT4SR_CONFIG  # noqa: E402
+from qdit4sr.models.transformer import DiT4SRTransformer2DModel  # noqa: E402
 
 
 def peak_rss_bytes() -> int:
@@ -47,6 +56,39 @@ def random_model(config: dict, seed: int) -> DiT4SRTransformer2DModel:
     return model.eval()
 
 
+def exhaustive_block_search(residual: torch.Tensor, rank: int) -> tuple[int, int] | None:
+    """The baseline: every feasible candidate scored by a full batched SVD of its blocks."""
+    r64 = residual.double()
+    total, best, best_err = r64.square().sum().item(), None, float("inf")
+    for shape in feasible_block_shapes(*residual.shape, rank, DEFAULT_BLOCK_CANDIDATES, 1.0):
+        top = torch.linalg.svdvals(_blocks(r64, *shape))[..., 0]
+        err = total - top.square().sum().item()
+        if err < best_err:
+            best, best_err = shape, err
+    return best
+
+
+def block_search_rows(threads: int, rank: int = 32, repeats: int = 3) -> list[tuple[str, str]]:
+    """Median time of the block-shape search on the two full-size layer shapes: baseline vs the library."""
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    for out, in_ in ((1536, 1536), (6144, 1536)):
+        w = torch.randn(out, in_, generator=gen) * 0.02
+        times = {}
+        for label, fn in (("exhaustive SVD", lambda: exhaustive_block_search(w, rank)),
+                          ("finest shapes, Gram", lambda: choose_block_shape(w, rank, DEFAULT_BLOCK_CANDIDATES, 1.0))):
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                shape = fn()
+                runs.append(time.perf_counter() - t0)
+            times[label] = (statistics.median(runs), shape)
+        (base, base_shape), (new, new_shape) = times.values()
+        rows.append((f"block search {out}x{in_}: exhaustive / finest", f"{base:.2f} s / {new:.2f} s = {base / new:.1f}x"
+                     f" (same shape: {base_shape == new_shape}, {new_shape})"))
+    return rows
+
+
 @click.command()
 @click.option("--layers", "num_layers", type=int, default=24, show_default=True, help="Transformer blocks to build.")
 @click.option("--threads", type=int, default=2, show_default=True)
@@ -59,7 +101,8 @@ def main(num_layers: int, threads: int, precision: str) -> None:
     t0 = time.perf_counter()
     model = random_model(config, seed=0)
     build_s = time.perf_counter() - t0
-    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    # Parameters plus buffers: the positional-embedding table alone is 0.84 GiB at any depth.
+    fp32_bytes = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))
     rss_before = peak_rss_bytes()
     # Activation statistics only set activation scales; constant ones keep the weight path realistic.
     stats = ActivationStats(names, [1000.0], np.ones((len(names), 1)), np.full((len(names), 1), 4.0),
@@ -70,13 +113,15 @@ def main(num_layers: int, threads: int, precision: str) -> None:
     quant_s = time.perf_counter() - t0
     peak = peak_rss_bytes()
     rows = [("blocks built", f"{num_layers}"), ("linear layers", f"{len(names)}"),
-            ("fp32 model", f"{fp32_bytes / 2**30:.2f} GiB"), ("build time", f"{build_s:.1f} s"),
+            ("fp32 model (parameters + buffers)", f"{fp32_bytes / 2**30:.2f} GiB"),
+            ("build time", f"{build_s:.1f} s"),
             ("H-SVD + VaSMP + quantize time", f"{quant_s:.1f} s"),
             ("peak RSS", f"{peak / 2**30:.2f} GiB"), ("peak RSS / fp32 model", f"{peak / fp32_bytes:.2f}x"),
             ("RSS after build / fp32 model", f"{rss_before / fp32_bytes:.2f}x"),
             ("mean weight bits (VaSMP)", f"{plan.mean_weight_bits():.3f}")]
     if num_layers != 24:
         rows.append(("time extrapolated to 24 blocks", f"{quant_s * 24 / num_layers:.0f} s"))
+    rows += block_search_rows(threads)
     width = max(len(k) for k, _ in rows)
     print(f"{'measure':<{width}} | value")
     print(f"{'-' * width}-|------")

@@ -133,7 +133,7 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
 
     layer_plans = []
     for i, name in enumerate(tqdm(names, desc="quantize residues", disable=not progress)):
-        layer, br = linears[name], branches.pop(name)
+        layer, br = linears.pop(name), branches.pop(name)  # pop: the fp32 residue is freed once replaced
         residual = quantize_weight(layer.weight.data, WeightQuantConfig(
             bits=int(w_bits[i]), group_size=config.group_size_for(int(w_bits[i])), scale_search=config.scale_search,
             scale_dtype=torch.float16 if config.storage_dtype == "float16" else torch.float32))

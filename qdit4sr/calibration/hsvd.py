@@ -17,7 +17,8 @@ Three methods share this code path so that comparisons are like for like:
 The block shape is grid-searched under the parameter constraint
 P_L = P * Q * (s_o + s_i + 1) <= budget_slack * r * (out + in) and picked by the
 smallest Frobenius norm ||W_H - W_G - W_L||_F.  The criterion deliberately ignores the
-quantizer: it costs one batched SVD per candidate, and on the MiniLM weights used in
+quantizer: it costs one batched eigen-solve per finest feasible candidate (coarser tilings
+can never win, see `finest_block_shapes`), and on the MiniLM weights used in
 the tests, picking by the error after 4-bit quantization instead changed the mean
 reconstruction error by under 0.1%.
 
@@ -49,6 +50,7 @@ __all__ = [
     "svdl_param_count",
     "feasible_block_shapes",
     "choose_block_shape",
+    "finest_block_shapes",
     "WeightDecomposition",
     "decompose_weight",
     "equal_budget_svd_rank",
@@ -176,13 +178,25 @@ def _blocks(r: torch.Tensor, s_o: int, s_i: int) -> torch.Tensor:
 def block_rank1(r: torch.Tensor, s_o: int, s_i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-1 term of every s_o x s_i block of r: sigma [P, Q], u [P, Q, s_o], v [P, Q, s_i].
 
-    One batched SVD over all blocks, computed in float64 and returned in r's dtype.
+    Computed in float64 from the top eigenpair of each block's smaller Gram matrix (one batched
+    eigen-solve, several times faster than a batched SVD): with v the top eigenvector of B^T B,
+    sigma = sqrt(lambda) and u = B v / sigma (the roles swap when s_o < s_i). Returned in r's dtype.
     """
     if r.dim() != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(r.shape)}")
     _check_divides(*r.shape, s_o, s_i)
-    u, s, vh = torch.linalg.svd(_blocks(r.detach().to(torch.float64), s_o, s_i), full_matrices=False)
-    return tuple(t.to(r.dtype).contiguous() for t in (s[..., 0], u[..., :, 0], vh[..., 0, :]))
+    blocks = _blocks(r.detach().to(torch.float64), s_o, s_i)
+    wide = s_o < s_i
+    if wide:  # work on B^T so the Gram matrix is the smaller one
+        blocks = blocks.transpose(-1, -2)
+    _, vectors = torch.linalg.eigh(blocks.transpose(-1, -2) @ blocks)
+    right = vectors[..., :, -1]
+    left = (blocks @ right[..., None])[..., 0]
+    # Recompute sigma as |B v|: exact for the vector found; a zero block gives a zero term.
+    sigma = left.norm(dim=-1)
+    left = left / torch.where(sigma > 0, sigma, torch.ones_like(sigma))[..., None]
+    u, v = (right, left) if wide else (left, right)
+    return tuple(t.to(r.dtype).contiguous() for t in (sigma, u, v))
 
 
 def block_rank1_weight(sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -228,17 +242,38 @@ def feasible_block_shapes(
     return [c for c in tiling if svdl_param_count(out, in_, *c) <= budget]
 
 
+def finest_block_shapes(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The shapes no other shape of the list refines (s_o' | s_o and s_i' | s_i), in the given order.
+
+    A finer tiling splits every block of a coarser one, and the best rank-1 terms of the parts fit at
+    least as well as one for the whole (sigma_1(B)^2 <= sum of the parts' sigma_1^2), so a refined
+    shape's error is never larger: the best feasible shape is always among these.
+    """
+    return [(a, b) for a, b in shapes
+            if not any((c, d) != (a, b) and a % c == 0 and b % d == 0 for c, d in shapes)]
+
+
+def _top_singular_value_sq(blocks: torch.Tensor) -> torch.Tensor:
+    """sigma_1^2 of every block [..., s_o, s_i], as the top eigenvalue of the smaller Gram matrix."""
+    s_o, s_i = blocks.shape[-2:]
+    gram = blocks.transpose(-1, -2) @ blocks if s_i <= s_o else blocks @ blocks.transpose(-1, -2)
+    return torch.linalg.eigvalsh(gram)[..., -1]
+
+
 def choose_block_shape(
     residual: torch.Tensor, rank: int, candidates: tuple[tuple[int, int], ...], slack: float
 ) -> tuple[int, int] | None:
-    """Feasible block shape with the smallest ||residual - W_L||_F (first one on ties); None if none fits."""
+    """Feasible block shape with the smallest ||residual - W_L||_F; None if none fits.
+
+    Only the finest feasible shapes are scored (see `finest_block_shapes`; equal errors resolve to the
+    first of those), each by one batched eigen-solve of the blocks' small Gram matrices.
+    """
     best, best_err = None, math.inf
     r64 = residual.detach().to(torch.float64)
     # ||B - sigma_1 u v^T||^2 = ||B||^2 - sigma_1^2 per block, so only the top singular values matter.
     total = r64.square().sum().item()
-    for shape in feasible_block_shapes(*residual.shape, rank, candidates, slack):
-        top = torch.linalg.svdvals(_blocks(r64, *shape))[..., 0]
-        err = total - top.square().sum().item()
+    for shape in finest_block_shapes(feasible_block_shapes(*residual.shape, rank, candidates, slack)):
+        err = total - _top_singular_value_sq(_blocks(r64, *shape)).sum().item()
         if err < best_err:
             best, best_err = shape, err
     return best

@@ -12,6 +12,7 @@ from qdit4sr.calibration.hsvd import (
     decompose_weight,
     equal_budget_svd_rank,
     feasible_block_shapes,
+    finest_block_shapes,
     global_svd,
     reconstruction_report,
     svdg_param_count,
@@ -232,6 +233,34 @@ def test_choose_block_shape_is_feasible_and_minimal(rank, slack):
     assert svdl_param_count(out, in_, s_o, s_i) <= slack * svdg_param_count(out, in_, rank)
     err = (r - block_rank1_weight(*block_rank1(r, s_o, s_i))).norm().item()
     assert err == pytest.approx(expected_err, rel=1e-12)
+
+
+def test_finest_block_shapes_by_hand():
+    shapes = [(32, 32), (16, 32), (32, 64), (64, 16), (24, 32), (8, 128)]
+    # (32, 32) and (32, 64) refine to (16, 32); (24, 32) and (64, 16) and (8, 128) have no refinement listed
+    assert finest_block_shapes(shapes) == [(16, 32), (64, 16), (24, 32), (8, 128)]
+    assert finest_block_shapes([]) == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_refined_tiling_never_fits_worse(seed):
+    """The pruning's premise, by brute force: every coarse shape's error >= that of any shape refining it."""
+    r = _randn(64, 64, seed=seed) + _randn(64, 3, seed=seed + 10) @ _randn(3, 64, seed=seed + 20)
+    sides = (4, 8, 16, 32)
+    err = {(a, b): (r - block_rank1_weight(*block_rank1(r, a, b))).norm().item() for a in sides for b in sides}
+    for (a, b), e in err.items():
+        for (c, d), f in err.items():
+            if a % c == 0 and b % d == 0:
+                assert f <= e * (1 + 1e-12), ((c, d), (a, b))
+
+
+def test_top_singular_value_from_the_gram_matrix():
+    from qdit4sr.calibration.hsvd import _top_singular_value_sq
+
+    blocks = _randn(5 * 3 * 8, 16, seed=4).reshape(5, 3, 8, 16).double()
+    for b in (blocks, blocks.transpose(-1, -2)):
+        ref = torch.linalg.svdvals(b)[..., 0] ** 2
+        assert torch.allclose(_top_singular_value_sq(b), ref, rtol=1e-10)
 
 
 def test_choose_block_shape_none_when_nothing_fits():
