@@ -69,8 +69,9 @@ class QuantLinear(nn.Module):
         self.hadamard = hadamard
         self.register_buffer("qweight", residual.qweight.to(torch.int8))
         self.register_buffer("weight_scales", residual.scales.clone())  # float32 or float16, as stored
-        # Dequantized once: fake-quant forward passes reuse it.
-        self.register_buffer("residual_weight", residual.dequantize(), persistent=False)
+        # Dequantized on first use and kept: fake-quant forward passes reuse it, while quantizing a
+        # whole model (which never calls forward) holds only the integer codes.
+        self.register_buffer("_dequantized", None, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         # Contiguous copies: the same numbers in another memory layout take other BLAS paths and
         # would make a reloaded model differ in the last bit.
@@ -80,6 +81,14 @@ class QuantLinear(nn.Module):
         self.act_bits = [int(b) for b in act_bits]
         self.act_scales = [float(s) for s in act_scales]
         self.segment_of_step = [int(s) for s in segment_of_step]
+
+    @property
+    def residual_weight(self) -> torch.Tensor:
+        """The dequantized residue [out, in] in float32, as the graph's weight DequantizeLinear computes it."""
+        if self._dequantized is None:
+            residual = QuantizedWeight(self.qweight, self.weight_scales, self.weight_bits, self.group_size)
+            self._dequantized = residual.dequantize()
+        return self._dequantized
 
     @property
     def block_shape(self) -> tuple[int, int] | None:

@@ -36,17 +36,21 @@ BATCH_AXIS = "batch"
 FOLD_SIZE_LIMIT = 1 << 30  # folded constants up to 1 GiB: the largest crop is the whole table
 
 
+def _run_untraced(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The tracer records the calling Function as one node; run the real module untraced, or its
+    Python code would see traced sizes (tensors) instead of ints."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return module(x)
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 class _PlaceholderFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, stub: "PlaceholderLinear") -> torch.Tensor:
-        # The tracer records this Function as one node; run the real layer untraced, or its Python
-        # code would see traced sizes (tensors) instead of ints.
-        state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
-        try:
-            return stub.layer(x)
-        finally:
-            torch._C._set_tracing_state(state)
+        return _run_untraced(stub.layer, x)
 
     @staticmethod
     def symbolic(g, x, stub: "PlaceholderLinear"):
@@ -76,12 +80,7 @@ class PlaceholderLinear(nn.Module):
 class _SoftmaxPlaceholderFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, stub: "PlaceholderSoftmax") -> torch.Tensor:
-        state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
-        try:
-            return stub.softmax(logits)
-        finally:
-            torch._C._set_tracing_state(state)
+        return _run_untraced(stub.softmax, logits)
 
     @staticmethod
     def symbolic(g, logits, stub: "PlaceholderSoftmax"):
