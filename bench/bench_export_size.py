@@ -181,7 +181,7 @@ def main() -> None:
         print(f"\n{'ratio fp16 / export':38s} {fp16 / ext_total:>37.2f}x   (4-bit codes alone: at most 4x)")
         print(f"{'ratio fp32 / export':38s} {fp32 / ext_total:>37.2f}x   (the paper reports 5.8x)")
 
-        print(f"\nfull-model bytes by kind (extrapolated) and bits per quantized-layer parameter")
+        print("\nfull-model bytes by kind (extrapolated) and bits per quantized-layer parameter")
         q_params = sum(block_counts[k] * sum(l.in_features * l.out_features for l in plan.layers
                                              if MEASURED_KINDS[int(l.name.split('.')[1])] == k)
                        for k in block_counts)

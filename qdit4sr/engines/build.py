@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..exporter.placeholder import BATCH_AXIS
 from ..models.loading import atomic_write
-from .manifest import FileRef, Manifest, ManifestError
+from .manifest import FileRef, Manifest
 
 __all__ = [
     "MIN_TENSORRT_VERSION",

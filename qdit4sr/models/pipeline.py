@@ -6,7 +6,7 @@ with (step_index, timestep) before each step, so calibration and quantized layer
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 

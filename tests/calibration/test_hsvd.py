@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from qdit4sr.calibration.hsvd import (
-    DEFAULT_BLOCK_CANDIDATES,
     HSVDConfig,
     block_rank1,
     block_rank1_apply,

@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 
 from qdit4sr.calibration.plan import BitPlan, LayerPlan, QDiT4SRConfig

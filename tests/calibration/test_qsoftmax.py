@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from qdit4sr.calibration.api import quantize_
 from qdit4sr.calibration.plan import BitPlan, QDiT4SRConfig
@@ -56,6 +55,12 @@ def test_quantization_error_stays_within_the_rounding_bound(scale):
     ratio = p_q / p
     assert ratio.max() <= math.exp(scale) * (1 + 1e-12) and ratio.min() >= math.exp(-scale) * (1 - 1e-12)
     assert (ratio - 1).abs().max() > 0.1 * (math.exp(scale) - 1)  # the bound is not vacuous for this input
+
+
+def test_softmax_scale_is_min_max_and_never_zero():
+    assert softmax_scale(127.0) == 1.0 and softmax_scale(12.7, bits=8) == pytest.approx(0.1)
+    assert softmax_scale(7.0, bits=4) == 1.0
+    assert 0 < softmax_scale(0.0) < 1e-30  # a constant-zero range still gives a valid Q/DQ scale
 
 
 def test_bad_scales_and_bits_are_refused():

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from qdit4sr.calibration.hadamard import apply_hadamard
 from qdit4sr.calibration.layers import example_inputs, quantizable_linears, used_linears
