@@ -34,26 +34,30 @@ def _check_precision(ctx, param, value: str) -> str:
     return value.lower()
 
 
-def _summary_lines(folder: Path, plan, manifest, log: StageLog, fp16_bytes: int) -> list[str]:
+def _summary(folder: Path, plan, manifest, log: StageLog, fp16_bytes: int) -> dict[str, str]:
+    """What the run produced, label -> value: printed at the end and put into the report."""
     weight_bytes = folder_size(folder, "weights.bin")
     graphs = sorted(folder.glob("segment_*.onnx"))
     graph_bytes = sum(p.stat().st_size for p in graphs)
     engines = sorted(p.name for p in folder.glob("*.plan"))
-    lines = [
-        f"precision        {manifest.precision}  (mean weight bits {plan.mean_weight_bits():.2f}, "
-        f"mean activation bits {plan.mean_act_bits():.2f})",
-        f"segments         {len(plan.segments)}: " + ", ".join(f"steps {a}-{b - 1}" for a, b in plan.segments),
-        f"weights          {weight_bytes / 2**20:.2f} MiB in weights.bin, shared by every segment "
-        f"(fp16 transformer {fp16_bytes / 2**20:.2f} MiB: {fp16_bytes / max(weight_bytes, 1):.2f}x smaller)",
-        f"graphs           {len(graphs)} files, {graph_bytes / 2**20:.2f} MiB of graph structure",
-        f"manifest         {folder / 'manifest.json'}",
-        f"engines          {', '.join(engines) if engines else 'none'}",
-        f"report           {folder / 'report' / 'report.md'}",
-    ]
+    rows = {
+        "precision": f"{manifest.precision}  (mean weight bits {plan.mean_weight_bits():.2f}, "
+                     f"mean activation bits {plan.mean_act_bits():.2f})",
+        "segments": f"{len(plan.segments)}: " + ", ".join(f"steps {a}-{b - 1}" for a, b in plan.segments),
+        "weights": f"{weight_bytes / 2**20:.2f} MiB in weights.bin, shared by every segment "
+                   f"(fp16 transformer {fp16_bytes / 2**20:.2f} MiB: {fp16_bytes / max(weight_bytes, 1):.2f}x smaller)",
+        "graphs": f"{len(graphs)} files, {graph_bytes / 2**20:.2f} MiB of graph structure",
+        "manifest": str(folder / "manifest.json"),
+        "engines": ", ".join(engines) if engines else "none",
+        "report": str(folder / "report" / "report.md"),
+    }
     if log.reused:
-        lines.append(f"reused           {', '.join(log.reused)} (cached from an earlier run)")
-    lines += [f"skipped          {s}" for s in log.skipped]
-    return lines
+        rows["reused"] = f"{', '.join(log.reused)} (cached from an earlier run)"
+    return rows
+
+
+def _summary_lines(rows: dict[str, str], skipped: list[str]) -> list[str]:
+    return [f"{key:16s} {value}" for key, value in rows.items()] + [f"{'skipped':16s} {s}" for s in skipped]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -107,22 +111,13 @@ def export_command(precision, out, model, variant, method, segments, calib_image
         manifest = export(pipe, plan, settings, out, model_hash, log)
         build_trt_engines(settings, out, log)
         crops = comparison_crops(settings, pipe, log)
-        lines = _summary_lines(out, plan, manifest, log, fp16_bytes)
-        write_run_report(out, plan, stats, crops, {"skipped": list(log.skipped), **_summary_dict(lines)})
+        summary = _summary(out, plan, manifest, log, fp16_bytes)
+        write_run_report(out, plan, stats, crops, {"skipped": list(log.skipped), **summary})
     except KeyboardInterrupt:
         _fail(f"interrupted; finished stages stay cached in {out} and a rerun resumes from there", 130)
     except (ExportError, CheckpointError, ManifestError, ValueError, OSError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    click.echo("\n".join(lines))
-
-
-def _summary_dict(lines: list[str]) -> dict:
-    rows = {}
-    for line in lines:
-        key, _, value = line.partition(" ")
-        if key != "skipped":
-            rows[key] = value.strip()
-    return rows
+    click.echo("\n".join(_summary_lines(summary, log.skipped)))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
