@@ -100,6 +100,15 @@ def _load_weight_codes(w_ptr, offs_k, offs_n, mask_n, K, W_BITS: tl.constexpr):
 
 
 @triton.jit
+def _x_tile(x_ptr, offs_m, mask_m, k0, K, BLOCK_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] tile of row-major x [M, K] at column k0 (zeros outside), its columns and mask."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    return x, offs_k, mask_k
+
+
+@triton.jit
 def _lowrank_down(t, x, down_ptr, offs_k, mask_k, K, R, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """t [BLOCK_M, BLOCK_R] += x_tile @ down[:, k_tile]^T."""
     offs_r = tl.arange(0, BLOCK_R)
@@ -158,9 +167,7 @@ def lowrank_branch_kernel(x_ptr, down_ptr, up_ptr, y_ptr, M, N, K, R,
     mask_n = offs_n < N
     t = tl.full((BLOCK_M, BLOCK_R), 0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x, offs_k, mask_k = _x_tile(x_ptr, offs_m, mask_m, k0, K, BLOCK_K)
         t = _lowrank_down(t, x, down_ptr, offs_k, mask_k, K, R, BLOCK_R, PRECISION)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     acc = _lowrank_up(acc, t, up_ptr, offs_n, mask_n, R, BLOCK_R, PRECISION)
@@ -179,9 +186,7 @@ def block_rank1_branch_kernel(x_ptr, sigma_ptr, u_ptr, v_ptr, y_ptr, M, N, K, P,
     mask_n = offs_n < N
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x, offs_k, mask_k = _x_tile(x_ptr, offs_m, mask_m, k0, K, BLOCK_K)
         acc = _block_rank1_step(acc, x, k0, n0, offs_k, mask_k, offs_n, mask_n, sigma_ptr, u_ptr, v_ptr,
                                 P, Q, S_O, S_I, BLOCKS_K, BLOCK_T, PRECISION)
     tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -214,9 +219,7 @@ def fused_quant_linear_kernel(x_ptr, w_ptr, w_scales_ptr, bias_ptr, down_ptr, up
         acc_int = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
         for kk in range(0, GROUP, BLOCK_K):
             k0 = g * GROUP + kk
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+            x, offs_k, mask_k = _x_tile(x_ptr, offs_m, mask_m, k0, K, BLOCK_K)
             codes_w = _load_weight_codes(w_ptr, offs_k, offs_n, mask_n, K, W_BITS)
             acc_int = tl.dot(_quantize_activation(x, a_scale, A_BITS), codes_w, acc=acc_int, out_dtype=tl.int32)
             if HAS_LOWRANK:
