@@ -129,6 +129,17 @@ class LayerPlan:
     block_shape: list[int] | None = None
 
 
+def _upgrade_v1(raw: dict) -> dict:
+    """Version 1 plans predate the 8-bit softmax, fp16 storage and per-channel INT8 layers: read them with
+    the settings they were made with (FP softmax input, float32 storage, one group size for all layers)."""
+    config = raw.get("config")
+    if not isinstance(config, dict):
+        return raw
+    config = {"softmax_bits": 16, "storage_dtype": "float32", "wide_group_size": config.get("group_size", 64),
+              **config}
+    return {**raw, "version": PLAN_VERSION, "config": config, "softmax": []}
+
+
 @dataclass
 class SoftmaxPlan:
     name: str                         # the attention core (module name)
@@ -195,6 +206,8 @@ class BitPlan:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"bit plan is not valid JSON: {e}") from e
+        if raw.get("version") == 1:
+            raw = _upgrade_v1(raw)
         if raw.get("version") != PLAN_VERSION:
             raise ValueError(f"bit plan version {raw.get('version')!r} is not supported (expected {PLAN_VERSION})")
         try:

@@ -57,3 +57,18 @@ def test_invalid_plans_are_rejected(edit, match):
 def test_not_json():
     with pytest.raises(ValueError, match="not valid JSON"):
         BitPlan.from_json("{")
+
+
+def test_version_1_plans_load_with_the_settings_they_were_made_with():
+    raw = json.loads(_plan().to_json())
+    raw["version"] = 1
+    del raw["softmax"]
+    for key in ("softmax_bits", "storage_dtype", "wide_group_size"):
+        del raw["config"][key]
+    plan = BitPlan.from_json(json.dumps(raw))
+    assert plan.softmax == [] and not plan.config.quantize_softmax
+    assert plan.config.storage_dtype == "float32"
+    assert plan.config.group_size_for(8) == plan.config.group_size_for(4) == 64
+    # the current defaults differ on all three
+    fresh = QDiT4SRConfig.from_precision("w4a4")
+    assert fresh.quantize_softmax and fresh.storage_dtype == "float16" and fresh.group_size_for(8) is None
