@@ -96,12 +96,12 @@ def _storage_round(t: torch.Tensor | None, config: QDiT4SRConfig) -> torch.Tenso
 
 def round_unquantized_(model: nn.Module, config: QDiT4SRConfig) -> None:
     """Round the float parameters and buffers outside the quantized layers to the storage precision."""
-    if config.storage_dtype == "float32":
-        return
-    skip = {f"{name}." for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.dtype == torch.float32 and not any(name.startswith(prefix) for prefix in skip):
-            t.data = t.data.to(torch.float16).float()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):  # its tensors are rounded when it is built
+            continue
+        for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if t.dtype == torch.float32:
+                t.data = _storage_round(t.data, config)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

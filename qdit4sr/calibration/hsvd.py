@@ -175,6 +175,13 @@ def _blocks(r: torch.Tensor, s_o: int, s_i: int) -> torch.Tensor:
     return r.reshape(out // s_o, s_o, in_ // s_i, s_i).permute(0, 2, 1, 3)
 
 
+def _tall(blocks: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Blocks [..., a, b] oriented with a >= b (transposed when wider than tall), so that B^T B is the
+    smaller Gram matrix; and whether they were transposed."""
+    wide = blocks.shape[-2] < blocks.shape[-1]
+    return (blocks.transpose(-1, -2) if wide else blocks), wide
+
+
 def block_rank1(r: torch.Tensor, s_o: int, s_i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-1 term of every s_o x s_i block of r: sigma [P, Q], u [P, Q, s_o], v [P, Q, s_i].
 
@@ -185,10 +192,7 @@ def block_rank1(r: torch.Tensor, s_o: int, s_i: int) -> tuple[torch.Tensor, torc
     if r.dim() != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(r.shape)}")
     _check_divides(*r.shape, s_o, s_i)
-    blocks = _blocks(r.detach().to(torch.float64), s_o, s_i)
-    wide = s_o < s_i
-    if wide:  # work on B^T so the Gram matrix is the smaller one
-        blocks = blocks.transpose(-1, -2)
+    blocks, wide = _tall(_blocks(r.detach().to(torch.float64), s_o, s_i))
     _, vectors = torch.linalg.eigh(blocks.transpose(-1, -2) @ blocks)
     right = vectors[..., :, -1]
     left = (blocks @ right[..., None])[..., 0]
@@ -255,9 +259,8 @@ def finest_block_shapes(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def _top_singular_value_sq(blocks: torch.Tensor) -> torch.Tensor:
     """sigma_1^2 of every block [..., s_o, s_i], as the top eigenvalue of the smaller Gram matrix."""
-    s_o, s_i = blocks.shape[-2:]
-    gram = blocks.transpose(-1, -2) @ blocks if s_i <= s_o else blocks @ blocks.transpose(-1, -2)
-    return torch.linalg.eigvalsh(gram)[..., -1]
+    tall, _ = _tall(blocks)
+    return torch.linalg.eigvalsh(tall.transpose(-1, -2) @ tall)[..., -1]
 
 
 def choose_block_shape(

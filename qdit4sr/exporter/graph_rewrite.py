@@ -265,9 +265,10 @@ def _rewrite_softmax(b: _Builder, node: gs.Node, spec: SoftmaxSpec, segment: int
 def _residue(b: _Builder, spec: LayerSpec, x_q: gs.Variable, flavour: str) -> gs.Variable:
     w = spec.weight[flavour]
     attrs = {"axis": w.axis} | ({"block_size": w.block_size} if w.block_size else {})
+    half = w.scale.data_type == TensorProto.FLOAT16
     weight = b.op(spec.name, "DequantizeLinear", [b.const(w.codes), b.const(w.scale)], attrs,
-                  dtype=np.float16 if w.scale.data_type == TensorProto.FLOAT16 else np.float32)
-    if w.scale.data_type == TensorProto.FLOAT16:  # fp16 scales give an fp16 weight; the layer computes in fp32
+                  dtype=np.float16 if half else np.float32)
+    if half:  # fp16 scales give an fp16 weight; the layer computes in fp32
         weight = b.op(spec.name, "Cast", [weight], {"to": TensorProto.FLOAT})
     if w.reshape is not None:
         weight = b.op(spec.name, "Reshape", [weight, b.shape(list(w.reshape))])

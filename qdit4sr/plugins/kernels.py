@@ -100,6 +100,20 @@ def _load_weight_codes(w_ptr, offs_k, offs_n, mask_n, K, W_BITS: tl.constexpr):
 
 
 @triton.jit
+def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output rows and columns of y [M, N] (grid axis 1 over M, axis 0 over N), with masks."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    return offs_m, offs_m < M, n0, offs_n, offs_n < N
+
+
+@triton.jit
+def _store_output(y_ptr, acc, offs_m, mask_m, offs_n, mask_n, N):
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _x_tile(x_ptr, offs_m, mask_m, k0, K, BLOCK_K: tl.constexpr):
     """The [BLOCK_M, BLOCK_K] tile of row-major x [M, K] at column k0 (zeros outside), its columns and mask."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -161,17 +175,14 @@ def lowrank_branch_kernel(x_ptr, down_ptr, up_ptr, y_ptr, M, N, K, R,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """y [M, N] = (x @ down^T) @ up^T for row-major float32 x [M, K], down [R, K], up [N, R]."""
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, mask_m, n0, offs_n, mask_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     t = tl.full((BLOCK_M, BLOCK_R), 0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x, offs_k, mask_k = _x_tile(x_ptr, offs_m, mask_m, k0, K, BLOCK_K)
         t = _lowrank_down(t, x, down_ptr, offs_k, mask_k, K, R, BLOCK_R, PRECISION)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     acc = _lowrank_up(acc, t, up_ptr, offs_n, mask_n, R, BLOCK_R, PRECISION)
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    _store_output(y_ptr, acc, offs_m, mask_m, offs_n, mask_n, N)
 
 
 @triton.jit
@@ -179,17 +190,13 @@ def block_rank1_branch_kernel(x_ptr, sigma_ptr, u_ptr, v_ptr, y_ptr, M, N, K, P,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               BLOCKS_K: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
     """y [M, N] of the block rank-1 branch: sigma [P, Q], u [P, Q, S_O], v [P, Q, S_I]."""
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n0 = tl.program_id(0) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, mask_m, n0, offs_n, mask_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x, offs_k, mask_k = _x_tile(x_ptr, offs_m, mask_m, k0, K, BLOCK_K)
         acc = _block_rank1_step(acc, x, k0, n0, offs_k, mask_k, offs_n, mask_n, sigma_ptr, u_ptr, v_ptr,
                                 P, Q, S_O, S_I, BLOCKS_K, BLOCK_T, PRECISION)
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    _store_output(y_ptr, acc, offs_m, mask_m, offs_n, mask_n, N)
 
 
 @triton.jit
@@ -206,11 +213,7 @@ def fused_quant_linear_kernel(x_ptr, w_ptr, w_scales_ptr, bias_ptr, down_ptr, up
     and BLOCK_K >= 32 (the int8 dot's minimum).
     Pointers of absent parts may be any valid pointer; the HAS_* flags keep them unread.
     """
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n0 = tl.program_id(0) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, mask_m, n0, offs_n, mask_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     t = tl.full((BLOCK_M, BLOCK_R), 0, tl.float32)
     n_groups = K // GROUP
@@ -233,7 +236,7 @@ def fused_quant_linear_kernel(x_ptr, w_ptr, w_scales_ptr, bias_ptr, down_ptr, up
         acc = _lowrank_up(acc, t, up_ptr, offs_n, mask_n, R, BLOCK_R, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    _store_output(y_ptr, acc, offs_m, mask_m, offs_n, mask_n, N)
 
 
 # Op name -> kernel; the PTX compiler looks kernels up here.
