@@ -33,13 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qdit4sr.artifacts.graph_io import BATCH_AXIS, INPUT_NAMES, OUTPUT_NAME  # noqa: E402
 from qdit4sr.calibration.api import quantize_  # noqa: E402
 from qdit4sr.calibration.layers import example_inputs, used_linears  # noqa: E402
 from qdit4sr.calibration.plan import QDiT4SRConfig  # noqa: E402
 from qdit4sr.calibration.qsoftmax import attention_cores  # noqa: E402
 from qdit4sr.calibration.stats import ActivationStats, CalibrationConfig  # noqa: E402
 from qdit4sr.exporter.onnx_export import export_segments  # noqa: E402
-from qdit4sr.exporter.placeholder import BATCH_AXIS, INPUT_NAMES, OUTPUT_NAME  # noqa: E402
 from qdit4sr.exporter.placeholder import example_inputs as graph_inputs  # noqa: E402
 from qdit4sr.models.config import TINY_CONFIG  # noqa: E402
 from qdit4sr.models.transformer import DiT4SRTransformer2DModel  # noqa: E402

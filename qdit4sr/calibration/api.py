@@ -199,7 +199,7 @@ def save_quantized(model: nn.Module, path) -> None:
     """The quantized layers' tensors (integer residues, scales, branches, biases) as one safetensors file."""
     from safetensors.torch import save_file
 
-    from ..models.loading import atomic_write
+    from ..fileio import atomic_write
 
     tensors = {f"{name}.{b}": getattr(m, b).contiguous() for name, m in quantized_layers(model).items()
                for b in _BUFFERS if getattr(m, b) is not None}

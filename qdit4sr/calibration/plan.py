@@ -13,12 +13,28 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.loading import atomic_write
+from ..fileio import atomic_write
 
 PLAN_VERSION = 2
 _PRECISION = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+(?:\.\d+)?)$")
 DECOMPOSITIONS = ("rtn", "svd", "hsvd")
 STORAGE_DTYPES = ("float16", "float32")
+
+
+# The methods of the paper's ablation, full Q-DiT4SR first: the one table `--method` and
+# `QDiT4SRConfig.preset` read.
+METHOD_PRESETS: dict[str, dict] = {
+    "qdit4sr": dict(decomposition="hsvd", mixed_weight_bits=True, temporal_act_bits=True),
+    "hsvd_vasmp": dict(decomposition="hsvd", mixed_weight_bits=True, temporal_act_bits=False),
+    "hsvd": dict(decomposition="hsvd", mixed_weight_bits=False, temporal_act_bits=False),
+    "svdquant": dict(decomposition="svd", mixed_weight_bits=False, temporal_act_bits=False),
+    "rtn": dict(decomposition="rtn", mixed_weight_bits=False, temporal_act_bits=False),
+}
+
+
+def default_rank(width: int) -> int:
+    """The paper's rank 32 at width 1536, scaled down for narrower models so branches stay small."""
+    return max(4, round(32 * width / 1536))
 
 
 @dataclass(frozen=True)
@@ -84,17 +100,10 @@ class QDiT4SRConfig:
 
     @classmethod
     def preset(cls, name: str, precision: str, **overrides) -> "QDiT4SRConfig":
-        """Ablation presets: rtn, svdquant, hsvd, hsvd_vasmp, qdit4sr (full)."""
-        presets = {
-            "rtn": dict(decomposition="rtn", mixed_weight_bits=False, temporal_act_bits=False),
-            "svdquant": dict(decomposition="svd", mixed_weight_bits=False, temporal_act_bits=False),
-            "hsvd": dict(decomposition="hsvd", mixed_weight_bits=False, temporal_act_bits=False),
-            "hsvd_vasmp": dict(decomposition="hsvd", mixed_weight_bits=True, temporal_act_bits=False),
-            "qdit4sr": dict(decomposition="hsvd", mixed_weight_bits=True, temporal_act_bits=True),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
-        return cls.from_precision(precision, **{**presets[name], **overrides})
+        """One row of METHOD_PRESETS at a precision, e.g. preset("qdit4sr", "w4a4", rank=8)."""
+        if name not in METHOD_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(METHOD_PRESETS)}")
+        return cls.from_precision(precision, **{**METHOD_PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -16,8 +16,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
+from ..fileio import atomic_write
 from ..models.images import TRAIN_PHOTOS, degrade_x4, load_photo, resize_bicubic, to_tensor
-from ..models.loading import atomic_write
 from ..models.step_context import current_step
 from .hadamard import apply_hadamard
 from .qsoftmax import LogitRecorder, attention_cores

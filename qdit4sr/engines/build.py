@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ..exporter.placeholder import BATCH_AXIS
-from ..models.loading import atomic_write
-from .manifest import FileRef, Manifest
+from ..artifacts.graph_io import BATCH_AXIS
+from ..artifacts.manifest import FileRef, Manifest, engine_file_name
+from ..fileio import atomic_write
 
 __all__ = [
     "MIN_TENSORRT_VERSION",
@@ -180,11 +180,6 @@ def require_tensorrt(what: str = "building TensorRT engines") -> None:
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-def engine_file_name(segment: int) -> str:
-    """`segment_<kk>.plan`, beside `segment_<kk>.<flavour>.onnx`."""
-    return f"segment_{segment:02d}.plan"
-
 
 def _input_specs(source: Manifest | str | Path | Mapping | Sequence) -> list[InputSpec]:
     if isinstance(source, (str, Path)):
@@ -380,9 +375,3 @@ def _trt_save_timing_cache(cache, path: Path) -> None:
 def config_summary(config: EngineBuildConfig) -> str:
     """One JSON line describing a build configuration (for logs)."""
     return json.dumps(asdict(config), sort_keys=True)
-
-
-if __name__ == "__main__":  # python -m qdit4sr.engines.build FOLDER [options]
-    from .cli import build_command
-
-    build_command()

@@ -27,12 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import onnx
-
-from ..exporter import contract
+from ..artifacts.manifest import MANIFEST_FILE, Manifest, ManifestError
+from ..plugins import contract
 from .build import (DEFAULT_TIMING_CACHE, TRT_FLAVOUR, EngineBuildConfig, InputSpec, engine_file_name, network_inputs,
                     optimization_profile_shapes)
-from .manifest import MANIFEST_FILE, Manifest, ManifestError
 
 __all__ = ["TRTEXEC", "ProfileError", "ProfilePlan", "trtexec_shapes", "profile_file_name",
            "trtexec_profile_command", "trtexec_build_command", "plan_profile", "run_plan"]
@@ -83,6 +81,8 @@ def trtexec_build_command(graph: str, engine: str, inputs: Sequence[InputSpec], 
 
 def _plugin_nodes(graph: Path) -> tuple[set[str], bool]:
     """(plugin op types in the graph, whether every plugin node asks for the AOT implementation)."""
+    import onnx
+
     model = onnx.load(str(graph), load_external_data=False)
     ops, all_aot = set(), True
     for node in model.graph.node:
@@ -162,7 +162,7 @@ def plan_profile(folder: str | Path, batch: int | None = None, iterations: int =
         plan.notes += [
             f"the graphs contain {contract.DOMAIN} plugin nodes ({', '.join(sorted(ops))}): trtexec cannot load "
             f"Python plugins (--dynamicPlugins takes a C++ shared library), so build with the Python builder, "
-            f"which compiles them into the engines: python -m qdit4sr.engines.build {shlex.quote(str(folder))}",
+            f"which compiles them into the engines: qdit4sr-build-engines {shlex.quote(str(folder))}",
             "the trtexec lines below need an IPluginV3 library implementing docs/plugin_contract.md, "
             "passed as --dynamicPlugins=<lib>"]
         if not all_aot:

@@ -20,9 +20,9 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from ..artifacts.manifest import Manifest, load_codec_spec
 from ..models.pipeline import DiT4SRPipeline, PromptEmbeddings
 from ..models.step_context import current_step
-from .manifest import Manifest, load_codec_spec
 
 
 class SegmentBackend(Protocol):

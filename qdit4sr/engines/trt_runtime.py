@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..artifacts.manifest import Manifest
 from .build import InputSpec, TensorRTUnavailable, network_inputs, require_tensorrt
-from .manifest import Manifest
 
 __all__ = ["TensorRTBackend", "TensorRTUnavailable", "check_feeds", "check_engine_io", "torch_dtype_for",
            "register_tensorrt_backend"]

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-WEIGHTS_FILE = "weights.bin"
+from ..artifacts.manifest import WEIGHTS_FILE  # noqa: F401  (the file this store writes)
+
 DEFAULT_THRESHOLD_BYTES = 1024  # smaller tensors (scales, shapes, clip bounds) stay inline in the graph
 ALIGNMENT = 64                  # every blob starts on a 64-byte boundary (vector loads, mmap friendliness)
 
@@ -119,12 +120,3 @@ def _raw_bytes(proto: TensorProto) -> bytes:
     if proto.data_type in (TensorProto.INT4, TensorProto.UINT4, TensorProto.STRING):
         raise ValueError(f"initializer {proto.name}: only raw_data can be moved to external data for this dtype")
     return numpy_helper.to_array(proto).tobytes()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, read in chunks (weights files can be several GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

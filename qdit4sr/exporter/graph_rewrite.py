@@ -57,7 +57,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from ..calibration.hadamard import hadamard_factor_matrices, hadamard_factors
 from ..calibration.qlinear import NO_ACT_QUANT, QuantLinear
 from ..calibration.quantizer import pack_int, qmax
-from . import contract
+from ..plugins import contract
 from .external_data import WeightStore
 from .fp16_storage import compact
 from .placeholder import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, SOFTMAX_PLACEHOLDER_OP

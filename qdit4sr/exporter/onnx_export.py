@@ -34,16 +34,17 @@ import onnx
 import torch
 from tqdm import tqdm
 
+from ..artifacts.manifest import graph_file_name
 from ..calibration.api import quantized_layers
 from ..calibration.plan import BitPlan
 from ..calibration.qlinear import QuantLinear
 from ..calibration.qsoftmax import QuantSoftmax, quantized_softmaxes
-from ..models.loading import atomic_write
-from .external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE, WeightStore, sha256_file
+from ..fileio import atomic_write, sha256_file
+from .external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE, WeightStore
 from .fp16_storage import compact_initializers
 from .graph_checks import check_onnx, check_trt
 from .graph_rewrite import FLAVOURS, HadamardFactors, SoftmaxSpec, prepare_layer, rewrite_segment
-from .placeholder import BATCH_AXIS, INPUT_NAMES, OUTPUT_NAME, trace_base_graph
+from .placeholder import trace_base_graph
 
 MIN_OPSET, MAX_OPSET = 21, 23  # 21: INT4 and blocked Q/DQ; later opsets change none of the ops used here
 FLAVOUR_CHOICES = ("portable", "trt", "both")
@@ -64,21 +65,6 @@ class SegmentExport:
     weights_sha256: str | None = None
     act_bits: dict[int, int] = field(default_factory=dict)      # bits -> number of layers using them
     dead_layers: list[str] = field(default_factory=list)        # quantized, but unused by the output
-
-
-def graph_file_name(segment: int, flavour: str) -> str:
-    return f"segment_{segment:02d}.{flavour}.onnx"
-
-
-def io_spec(config, tile_latent: int, text_tokens: int) -> tuple[list[dict], list[dict]]:
-    """Names, shapes (batch axis symbolic) and dtypes of the graph inputs and output."""
-    c, h = config.in_channels, tile_latent
-    shapes = {"hidden_states": [BATCH_AXIS, c, h, h], "controlnet_image": [BATCH_AXIS, c, h, h],
-              "encoder_hidden_states": [BATCH_AXIS, text_tokens, config.joint_attention_dim],
-              "pooled_projections": [BATCH_AXIS, config.pooled_projection_dim], "timestep": [BATCH_AXIS]}
-    inputs = [{"name": n, "shape": shapes[n], "dtype": "float32"} for n in INPUT_NAMES]
-    outputs = [{"name": OUTPUT_NAME, "shape": [BATCH_AXIS, config.out_channels, h, h], "dtype": "float32"}]
-    return inputs, outputs
 
 
 # ----------------------------------------------------------------------------- validation

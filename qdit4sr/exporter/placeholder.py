@@ -22,6 +22,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from ..artifacts.graph_io import BATCH_AXIS, INPUT_NAMES, OUTPUT_NAME
 from ..calibration.qlinear import QuantLinear, segment_scope
 from ..calibration.qsoftmax import QuantSoftmax
 
@@ -30,9 +31,6 @@ PLACEHOLDER_OP = "QuantLinear"
 SOFTMAX_PLACEHOLDER_OP = "QuantSoftmax"
 # The TorchScript exporter's newest opset; the rewrite lifts the graph to the requested opset (>= 21).
 BASE_OPSET = 20
-INPUT_NAMES = ("hidden_states", "controlnet_image", "encoder_hidden_states", "pooled_projections", "timestep")
-OUTPUT_NAME = "velocity"
-BATCH_AXIS = "batch"
 FOLD_SIZE_LIMIT = 1 << 30  # folded constants up to 1 GiB: the largest crop is the whole table
 
 

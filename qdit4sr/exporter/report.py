@@ -27,7 +27,7 @@ from matplotlib.patches import Patch
 
 from ..calibration.plan import BitPlan
 from ..calibration.stats import ActivationStats
-from ..models.loading import atomic_write
+from ..fileio import atomic_write
 
 __all__ = ["FIGURES", "ReportFigure", "write_report", "bit_grid_figure", "act_variance_figure", "weight_bits_figure",
            "comparison_figure", "short_layer_name", "format_value"]

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifacts.manifest import MANIFEST_FILE, WEIGHTS_FILE
 from ..calibration.api import load_quantized_, quantize_, save_quantized
 from ..calibration.layers import example_inputs, used_linears
 from ..calibration.plan import BitPlan, QDiT4SRConfig
 from ..calibration.stats import ActivationStats, CalibrationConfig, collect_activation_stats
-from ..models.loading import atomic_write
+from ..fileio import atomic_write
 from ..models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline
 
 RUN_FILE = "run.json"
@@ -194,7 +195,8 @@ def quantize(pipe: DiT4SRPipeline, stats: ActivationStats, settings: ExportSetti
 
 def export(pipe: DiT4SRPipeline, plan: BitPlan, settings: ExportSettings, folder: Path, model_hash: str,
            log: StageLog):
-    from ..engines.manifest import Manifest, ManifestError, build_manifest
+    from ..artifacts.manifest import Manifest, ManifestError
+    from .manifest_writer import build_manifest
     from .onnx_export import export_segments
 
     try:
@@ -205,7 +207,7 @@ def export(pipe: DiT4SRPipeline, plan: BitPlan, settings: ExportSettings, folder
             return manifest
     except (ManifestError, OSError, ValueError):
         pass
-    (folder / "manifest.json").unlink(missing_ok=True)   # an old manifest must not describe new graphs
+    (folder / MANIFEST_FILE).unlink(missing_ok=True)   # an old manifest must not describe new graphs
     tokens = pipe.prompt.prompt_embeds.shape[1]
     flavour = "both" if settings.backend == "trt" else "portable"
     exports = export_segments(pipe.transformer, plan, folder, tile_latent=pipe.config.tile_size,
@@ -238,6 +240,28 @@ def build_trt_engines(settings: ExportSettings, folder: Path, log: StageLog) -> 
 
 def folder_size(folder: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
+
+
+def run_summary(folder: Path, plan: BitPlan, manifest, log: StageLog, fp16_bytes: int) -> dict[str, str]:
+    """What the run produced, label -> value: printed at the end and put into the report."""
+    weight_bytes = folder_size(folder, WEIGHTS_FILE)
+    graphs = sorted(folder.glob("segment_*.onnx"))
+    graph_bytes = sum(p.stat().st_size for p in graphs)
+    engines = sorted(p.name for p in folder.glob("*.plan"))
+    rows = {
+        "precision": f"{manifest.precision}  (mean weight bits {plan.mean_weight_bits():.2f}, "
+                     f"mean activation bits {plan.mean_act_bits():.2f})",
+        "segments": f"{len(plan.segments)}: " + ", ".join(f"steps {a}-{b - 1}" for a, b in plan.segments),
+        "weights": f"{weight_bytes / 2**20:.2f} MiB in {WEIGHTS_FILE}, shared by every segment "
+                   f"(fp16 transformer {fp16_bytes / 2**20:.2f} MiB: {fp16_bytes / max(weight_bytes, 1):.2f}x smaller)",
+        "graphs": f"{len(graphs)} files, {graph_bytes / 2**20:.2f} MiB of graph structure",
+        "manifest": str(folder / MANIFEST_FILE),
+        "engines": ", ".join(engines) if engines else "none",
+        "report": str(folder / "report" / "report.md"),
+    }
+    if log.reused:
+        rows["reused"] = f"{', '.join(log.reused)} (cached from an earlier run)"
+    return rows
 
 
 def comparison_crops(settings: ExportSettings, quantized: DiT4SRPipeline, log: StageLog) -> dict | None:

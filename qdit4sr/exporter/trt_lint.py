@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-import click
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from . import contract
+from ..plugins import contract
 
 MIN_OPSET = 21
 INT4_BLOCK_SIZES = (64, 128)
@@ -408,7 +407,7 @@ RULES: dict[str, Callable[[_Graph], Iterable[Violation]]] = {
 }
 
 
-# ----------------------------------------------------------------------------- API and CLI
+# ----------------------------------------------------------------------------- API
 
 def lint_model(model: onnx.ModelProto | str | Path) -> list[Violation]:
     """Every TensorRT rule violation of the model, grouped by rule in the order of ``RULES``."""
@@ -419,19 +418,3 @@ def lint_model(model: onnx.ModelProto | str | Path) -> list[Violation]:
 def format_violations(violations: Sequence[Violation]) -> str:
     """One line per violation: ``rule: node: message``."""
     return "\n".join(f"{v.rule}: {v.node}: {' '.join(v.message.split())}" for v in violations)
-
-
-@click.command(name="lint-trt", help="Check an exported ONNX model against TensorRT's rules without building it.")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.pass_context
-def lint_trt_command(ctx: click.Context, model: Path) -> None:
-    try:
-        violations = lint_model(model)
-    except ModelLoadError as exc:
-        click.echo(f"error: {exc}", err=True)
-        ctx.exit(2)
-    if violations:
-        click.echo(format_violations(violations))
-        click.echo(f"{len(violations)} TensorRT lint violation(s) in {model}")
-        ctx.exit(1)
-    click.echo(f"no TensorRT lint violations in {model}")

@@ -1,18 +1,16 @@
 """PSNR/SSIM of a DiT4SR pipeline against bicubic x4 on the held-out bundled photos.
 
-    python -m qdit4sr.models.evaluate            # the embedded tiny default
+    python -m qdit4sr.cli.evaluate            # the embedded tiny default
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import click
 import numpy as np
 
-from .images import HELD_OUT_PHOTOS, center_crop, degrade_x4, load_photo, psnr, resize_bicubic, ssim, to_tensor, \
-    to_uint8
-from .pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline
+from .images import (HELD_OUT_PHOTOS, center_crop, degrade_x4, load_photo, psnr, resize_bicubic, ssim, to_tensor,
+                     to_uint8)
+from .pipeline import DiT4SRPipeline
 
 
 @dataclass(frozen=True)
@@ -56,19 +54,3 @@ def format_table(rows: list[dict]) -> str:
     lines.append(f"| mean | {mean['psnr_model']:.2f} | {mean['psnr_bicubic']:.2f} | "
                  f"{mean['ssim_model']:.4f} | {mean['ssim_bicubic']:.4f} |")
     return "\n".join(lines)
-
-
-@click.command()
-@click.option("--model", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_MODEL_DIR,
-              show_default="the embedded tiny model")
-@click.option("--crop", type=int, default=128, show_default=True, help="HR centre-crop size of each photo.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=int, default=None, help="Override the number of sampler steps.")
-def main(model: Path, crop: int, seed: int, steps: int | None) -> None:
-    overrides = {"num_inference_steps": steps} if steps else {}
-    pipe = DiT4SRPipeline.from_folder(model, **overrides)
-    click.echo(format_table(evaluate(pipe, held_out_set(crop), seed)))
-
-
-if __name__ == "__main__":
-    main()

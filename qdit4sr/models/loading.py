@@ -8,13 +8,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..fileio import atomic_write
 from .transformer import DiT4SRTransformer2DModel
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -115,17 +115,3 @@ def save_transformer(model: DiT4SRTransformer2DModel, path: str | os.PathLike, s
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
     atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return folder
-
-
-def atomic_write(target: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file next to target, then rename it into place."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; published artifacts should be readable
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

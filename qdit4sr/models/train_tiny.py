@@ -1,6 +1,6 @@
 """Train the embedded tiny DiT4SR on bundled photos (seeded, CPU, about half an hour on 2 cores).
 
-    python -m qdit4sr.models.train_tiny --out qdit4sr/models/default
+    python -m qdit4sr.cli.train_tiny --out qdit4sr/models/default
 
 Flow matching as in SD3: x_t = (1 - s) x0 + s eps, the model predicts v = eps - x0, conditioned on
 the latent of the bicubic-upsampled LR image. Held-out photos (images.HELD_OUT_PHOTOS) are never seen.
@@ -15,15 +15,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..fileio import atomic_write
 from .config import TINY_CONFIG
 from .images import TRAIN_PHOTOS, degrade_x4, load_photo, resize_bicubic, to_tensor
 from .latents import PixelUnshuffleCodec
-from .loading import atomic_write, save_transformer
+from .loading import save_transformer
 from .pipeline import PipelineConfig
 from .transformer import DiT4SRTransformer2DModel
 
@@ -124,19 +124,3 @@ def train(config: TrainConfig, out: Path) -> DiT4SRTransformer2DModel:
             "final_loss": float(loss.item())}
     atomic_write(out / "training.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return ema
-
-
-@click.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Model folder to write (transformer/, codec.json, training.json).")
-@click.option("--steps", type=int, default=TrainConfig.steps, show_default=True)
-@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)
-@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
-@click.option("--threads", type=int, default=TrainConfig.threads, show_default=True)
-def main(out: Path, steps: int, batch_size: int, seed: int, threads: int) -> None:
-    train(TrainConfig(steps=steps, batch_size=batch_size, seed=seed, threads=threads), out)
-    click.echo(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()

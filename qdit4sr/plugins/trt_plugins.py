@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, Tuple, Union
 
-from ..exporter import contract
+from . import contract
 
 __all__ = [
     "PLUGIN_IDS",

@@ -17,12 +17,12 @@ import numpy as np
 import onnx
 import pytest
 
+from qdit4sr.artifacts.graph_io import io_spec
+from qdit4sr.artifacts.manifest import FileRef, Manifest, ManifestError, SegmentEntry, TensorSpec, graph_file_name
 from qdit4sr.calibration.plan import BitPlan, LayerPlan, QDiT4SRConfig
 from qdit4sr.engines import build as B
-from qdit4sr.engines.manifest import FileRef, Manifest, ManifestError, SegmentEntry, TensorSpec
-from qdit4sr.exporter import contract
-from qdit4sr.exporter.onnx_export import graph_file_name, io_spec
 from qdit4sr.models.pipeline import PipelineConfig
+from qdit4sr.plugins import contract
 
 TILE, TOKENS = 8, 3
 TRANSFORMER = SimpleNamespace(patch_size=2, in_channels=12, out_channels=12, joint_attention_dim=32,

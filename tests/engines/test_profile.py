@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from qdit4sr.cli.engines import profile_command
 from qdit4sr.engines import profile as P
 from qdit4sr.engines.build import EngineBuildConfig, InputSpec, network_inputs
-from qdit4sr.engines.cli import profile_command
 from tests.engines.test_build import make_export_folder
 
 SHAPES_B2 = ("hidden_states:2x12x8x8,controlnet_image:2x12x8x8,encoder_hidden_states:2x3x32,"
@@ -82,7 +82,7 @@ def test_plan_for_graphs_only(graphs_folder):
     notes = " ".join(plan.notes)
     assert "no TensorRT engines" in notes
     assert "LowRankBranch" in notes and "trtexec cannot load Python plugins" in notes
-    assert "python -m qdit4sr.engines.build" in notes and "--dynamicPlugins=<lib>" in notes
+    assert "qdit4sr-build-engines" in notes and "--dynamicPlugins=<lib>" in notes
     assert "lack aot=1" not in notes
 
 
@@ -198,13 +198,13 @@ def test_cli_run_reports_failed_runs(engines_folder, monkeypatch):
 
 
 def test_build_cli_reports_why_engines_were_not_built(graphs_folder):
+    from qdit4sr.cli.engines import build_engines_command
     from qdit4sr.engines.build import tensorrt_status
-    from qdit4sr.engines.cli import build_command
 
     available, reason = tensorrt_status()
     if available:  # pragma: no cover
         pytest.skip("TensorRT and a GPU are available here")
-    result = CliRunner().invoke(build_command, [str(graphs_folder)])
+    result = CliRunner().invoke(build_engines_command, [str(graphs_folder)])
     assert result.exit_code == 2
     assert result.stderr.startswith("error: engines were not built: building TensorRT engines is not possible here")
     assert reason in result.stderr

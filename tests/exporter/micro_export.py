@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
+from qdit4sr.artifacts.manifest import Manifest
 from qdit4sr.calibration.api import quantize_
 from qdit4sr.calibration.layers import example_inputs, used_linears
 from qdit4sr.calibration.plan import BitPlan, QDiT4SRConfig
 from qdit4sr.calibration.stats import CalibrationConfig, collect_activation_stats
-from qdit4sr.engines.manifest import Manifest, build_manifest, transformer_hash
+from qdit4sr.exporter.manifest_writer import build_manifest, transformer_hash
 from qdit4sr.exporter.onnx_export import SegmentExport, export_segments
 from qdit4sr.models.latents import PixelUnshuffleCodec
 from qdit4sr.models.pipeline import DiT4SRPipeline, PipelineConfig, PromptEmbeddings

@@ -14,17 +14,19 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from qdit4sr.artifacts.graph_io import INPUT_NAMES
 from qdit4sr.calibration.api import quantized_layers
 from qdit4sr.calibration.hadamard import apply_hadamard, apply_hadamard_transpose, rotate_weight
 from qdit4sr.calibration.qlinear import NO_ACT_QUANT, QuantLinear, segment_scope
 from qdit4sr.calibration.qsoftmax import quantized_softmaxes
 from qdit4sr.calibration.quantizer import WeightQuantConfig, qmax, quantize_weight
-from qdit4sr.exporter import contract, graph_checks, onnx_export
+from qdit4sr.exporter import graph_checks, onnx_export
 from qdit4sr.exporter.external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE, WeightStore
 from qdit4sr.exporter.graph_rewrite import HadamardFactors, prepare_layer, rewrite_segment
 from qdit4sr.exporter.onnx_export import export_segments
-from qdit4sr.exporter.placeholder import INPUT_NAMES, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
+from qdit4sr.exporter.placeholder import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
 from qdit4sr.exporter.trt_lint import lint_model
+from qdit4sr.plugins import contract
 from tests.conftest import MICRO_CONFIG, micro_inputs
 from tests.exporter.micro_export import TILE, TOKENS, quantized_micro, single_thread
 

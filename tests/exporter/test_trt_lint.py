@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qdit4sr.exporter import contract
-from qdit4sr.exporter.trt_lint import Violation, format_violations, lint_model, lint_trt_command
+from qdit4sr.cli.lint import lint_trt_command
+from qdit4sr.exporter.trt_lint import Violation, format_violations, lint_model
+from qdit4sr.plugins import contract
 
 B, T, K, N = "batch", 4, 128, 64
 RANK, S_O, S_I = 8, 16, 32

@@ -14,7 +14,7 @@ import typing
 import numpy as np
 import pytest
 
-from qdit4sr.exporter import contract
+from qdit4sr.plugins import contract
 from qdit4sr.plugins import trt_plugins as T
 
 

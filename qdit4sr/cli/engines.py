@@ -6,7 +6,7 @@
         passed, 1 some trtexec run failed, 2 nothing to profile (missing folder or manifest, no engines,
         trtexec not on PATH for --run): the reason is one line on stderr.
 
-    python -m qdit4sr.engines.build FOLDER [options]
+    qdit4sr-build-engines FOLDER [options]
         builds the segment engines (needs TensorRT, triton and a CUDA device; exit code 2 and the
         reason otherwise).
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-from .build import EngineBuildConfig, TensorRTUnavailable, build_engines
-from .manifest import ManifestError
-from .profile import DEFAULT_ITERATIONS, ProfileError, plan_profile, run_plan
+from ..engines.build import EngineBuildConfig
+from ..engines.profile import DEFAULT_ITERATIONS
+from .common import CONTEXT_SETTINGS
 
 
 def _fail(ctx: click.Context, message: str) -> None:
@@ -26,7 +26,7 @@ def _fail(ctx: click.Context, message: str) -> None:
     ctx.exit(2)
 
 
-@click.command("qdit4sr-profile")
+@click.command("qdit4sr-profile", context_settings=CONTEXT_SETTINGS)
 @click.argument("engines_dir", type=click.Path(path_type=Path))
 @click.option("--run", "run_", is_flag=True, help="Execute the trtexec commands (trtexec must be on PATH).")
 @click.option("--iterations", type=click.IntRange(min=1), default=DEFAULT_ITERATIONS, show_default=True,
@@ -36,6 +36,8 @@ def _fail(ctx: click.Context, message: str) -> None:
 @click.pass_context
 def profile_command(ctx: click.Context, engines_dir: Path, run_: bool, iterations: int, batch: int | None) -> None:
     """Print trtexec commands that profile each segment engine of ENGINES_DIR (an exported folder)."""
+    from ..engines.profile import ProfileError, plan_profile, run_plan
+
     try:
         plan = plan_profile(engines_dir, batch=batch, iterations=iterations)
     except ProfileError as e:
@@ -61,7 +63,7 @@ def profile_command(ctx: click.Context, engines_dir: Path, run_: bool, iteration
             ctx.exit(1)
 
 
-@click.command("qdit4sr-build-engines")
+@click.command("qdit4sr-build-engines", context_settings=CONTEXT_SETTINGS)
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--workspace-gib", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
 @click.option("--batch-min", type=click.IntRange(min=1), default=EngineBuildConfig.batch_min, show_default=True)
@@ -73,9 +75,12 @@ def profile_command(ctx: click.Context, engines_dir: Path, run_: bool, iteration
               help="Timing cache file shared by the segments [default: FOLDER/timing.cache].")
 @click.option("--verbose", is_flag=True)
 @click.pass_context
-def build_command(ctx: click.Context, folder: Path, workspace_gib: float, batch_min: int, batch_opt: int,
+def build_engines_command(ctx: click.Context, folder: Path, workspace_gib: float, batch_min: int, batch_opt: int,
                   batch_max: int, opt_level: int, timing_cache: Path | None, verbose: bool) -> None:
     """Build one TensorRT engine per timestep segment of the exported FOLDER."""
+    from ..artifacts.manifest import ManifestError
+    from ..engines.build import TensorRTUnavailable, build_engines
+
     try:
         config = EngineBuildConfig(workspace_bytes=int(workspace_gib * (1 << 30)), batch_min=batch_min,
                                    batch_opt=batch_opt, batch_max=batch_max, builder_optimization_level=opt_level,

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from qdit4sr.exporter.cli import export_command, upscale_command
+from qdit4sr.cli.export import export_command
+from qdit4sr.cli.upscale import upscale_command
 from qdit4sr.models.latents import PixelUnshuffleCodec
 from qdit4sr.models.loading import save_transformer
 from qdit4sr.models.pipeline import PipelineConfig
@@ -131,12 +132,12 @@ def test_calibration_images_of_wrong_mode_or_size(tmp_path, model_dir):
 
 
 def test_interrupted_run_leaves_no_manifest_and_resumes(tmp_path, model_dir, monkeypatch):
-    import qdit4sr.exporter.cli as cli
+    from qdit4sr.exporter import stages
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "export", interrupt)
+    monkeypatch.setattr(stages, "export", interrupt)
     out = tmp_path / "o"
     r = _export(out, model_dir)
     assert r.exit_code == 130 and "rerun resumes" in r.output
