@@ -145,7 +145,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="qdit4sr-size-")) if args.out is None else None
     out = args.out or tmp / "export"
     try:
-        exports = export_segments(model, plan, out, TILE_LATENT, TEXT_TOKENS, flavour="both")
+        exports = export_segments(model, plan, out, TILE_LATENT, TEXT_TOKENS, flavour=("portable", "trt"))
         t_export = time.time() - t0 - t_quant
         graphs = [p for e in exports for p in e.graphs.values()]
         portable = [e.graphs["portable"] for e in exports]

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from ..checks import is_int
+
 __all__ = [
     "PALEY_ORDERS",
     "hadamard_factors",
@@ -34,7 +36,7 @@ PALEY_ORDERS: tuple[int, ...] = tuple(sorted(_PALEY_SPECS))
 
 def hadamard_factors(n: int) -> tuple[int, int]:
     """Split n into (m, p) with n = m * p, p the largest possible power of two, m in {1, 12, 20, 28}."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"Hadamard size must be a positive integer, got n={n!r}")
     p = n & -n  # largest power of two dividing n
     odd = n // p

@@ -36,6 +36,7 @@ import torch
 
 from qdit4sr.calibration.hadamard import rotate_weight
 from qdit4sr.calibration.quantizer import QuantizedWeight, WeightQuantConfig, quantize_weight
+from qdit4sr.checks import is_int
 
 __all__ = [
     "METHODS",
@@ -71,10 +72,6 @@ _RANDOMIZED_OVERSAMPLE = 16
 _RANDOMIZED_POWER_ITERS = 4
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 # --------------------------------------------------------------------------- config
 
 
@@ -92,7 +89,7 @@ class HSVDConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not _is_int(self.rank) or self.rank < 0:
+        if not is_int(self.rank) or self.rank < 0:
             raise ValueError(f"rank must be a non-negative integer, got {self.rank!r}")
         if self.method != "rtn" and self.rank == 0:
             raise ValueError(f"method {self.method!r} needs rank >= 1")
@@ -103,7 +100,7 @@ class HSVDConfig:
             raise ValueError(f"budget_slack must be positive and finite, got {self.budget_slack!r}")
         if self.randomized_svd not in (None, True, False):
             raise ValueError(f"randomized_svd must be True, False or None, got {self.randomized_svd!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
 
@@ -111,7 +108,7 @@ def _check_candidates(candidates: tuple[tuple[int, int], ...]) -> None:
     if not isinstance(candidates, tuple) or not candidates:
         raise ValueError("block_candidates must be a non-empty tuple of (s_o, s_i) pairs")
     for c in candidates:
-        if not (isinstance(c, tuple) and len(c) == 2 and all(_is_int(s) and s >= 1 for s in c)):
+        if not (isinstance(c, tuple) and len(c) == 2 and all(is_int(s) and s >= 1 for s in c)):
             raise ValueError(f"block candidate must be a pair of positive integers, got {c!r}")
 
 
@@ -148,7 +145,7 @@ def global_svd(
     """Rank-``rank`` factors (up = U_r S_r [out, r], down = V_r^T [r, in]) of w, float64 inside, float32 out."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
-    if not _is_int(rank) or not 0 <= rank <= min(w.shape):
+    if not is_int(rank) or not 0 <= rank <= min(w.shape):
         raise ValueError(f"rank must be an integer in [0, {min(w.shape)}], got {rank!r}")
     a = w.detach().to(torch.float64)
     if randomized is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +123,25 @@ class QDiT4SRConfig:
         if "act_bit_choices" in d:
             d["act_bit_choices"] = tuple(d["act_bit_choices"])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    """The user-level quantization choices (what `qdit4sr-export`'s quantization options set)."""
+
+    precision: str = "w4a4"
+    method: str = "qdit4sr"           # a row of METHOD_PRESETS
+    segments: int = 4
+    rank: int | None = None           # None: default_rank(model width)
+
+    def for_width(self, width: int) -> "QuantizationSettings":
+        """These settings with the rank chosen for a model of hidden size `width` when none was given."""
+        return self if self.rank is not None else replace(self, rank=default_rank(width))
+
+    def config(self, seed: int = 0) -> QDiT4SRConfig:
+        if self.rank is None:
+            raise ValueError("the rank is not chosen yet: call for_width(model width) first")
+        return QDiT4SRConfig.preset(self.method, self.precision, num_segments=self.segments, rank=self.rank, seed=seed)
 
 
 @dataclass

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from scipy import optimize, special
 
+from ..checks import check_int, is_int
+
 __all__ = [
     "MIN_BITS",
     "MAX_BITS",
@@ -40,7 +42,7 @@ _CLIP_SEARCH_GRID = (0.5, 1.0, 20)
 
 
 def _check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if not is_int(bits) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
     return bits
 
@@ -66,10 +68,7 @@ class WeightQuantConfig:
         _check_bits(self.bits)
         if self.scale_dtype not in (torch.float32, torch.float16):
             raise ValueError(f"scale_dtype must be torch.float32 or torch.float16, got {self.scale_dtype}")
-        if self.group_size is not None and (
-            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
-        ):
-            raise ValueError(f"group_size must be a positive integer or None, got {self.group_size!r}")
+        check_int("group_size", self.group_size, optional=True)
 
 
 @dataclass

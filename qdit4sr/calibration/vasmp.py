@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import check_int
+
 __all__ = [
     "layer_weight_variance",
     "continuous_bits",
@@ -66,8 +68,7 @@ def _layer_arrays(variances, weights) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_bit_range(budget: float, min_bits: int, max_bits: int) -> None:
     for name, value in (("min_bits", min_bits), ("max_bits", max_bits)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int(name, value)
     if min_bits > max_bits:
         raise ValueError(f"min_bits={min_bits} exceeds max_bits={max_bits}")
     if not math.isfinite(budget) or not min_bits <= budget <= max_bits:

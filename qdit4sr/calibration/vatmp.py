@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import check_int
+
 __all__ = [
     "DEFAULT_BIT_CHOICES",
     "LayerSchedule",
@@ -129,12 +131,6 @@ def _extra_capacity(budget: float, steps: int, bits: np.ndarray) -> int:
     return int(min(total, bits[-1] * steps) - bits[0] * steps)
 
 
-def _check_count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 # --------------------------------------------------------------------------- single layer
 
 
@@ -223,7 +219,7 @@ def schedule_layer(
     coef = _kappa_table(kappa, bits)
     cap = _extra_capacity(budget, v.size, bits)
     extra = bits - bits[0]
-    if max_segments is None or _check_count("max_segments", max_segments, 1) >= v.size:
+    if max_segments is None or check_int("max_segments", max_segments) >= v.size:
         picks = _per_step_dp(v, coef, extra, cap)
     else:
         picks = _segment_dp(v, coef, extra, cap, int(max_segments))
@@ -552,8 +548,8 @@ def schedule_shared(
     the boundaries found, but the boundaries carry no optimality guarantee.
     """
     v = _variance_array(v, 2)
-    segments = min(_check_count("num_segments", num_segments, 1), v.shape[1])
-    max_enumeration = _check_count("max_enumeration", max_enumeration, 1)
+    segments = min(check_int("num_segments", num_segments), v.shape[1])
+    max_enumeration = check_int("max_enumeration", max_enumeration)
     bits = _bit_array(bit_choices)
     coef = _kappa_table(kappa, bits)
     steps = v.shape[1]

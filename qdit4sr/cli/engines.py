@@ -19,6 +19,7 @@ import click
 from ..engines.build import EngineBuildConfig
 from ..engines.profile import DEFAULT_ITERATIONS
 from .common import CONTEXT_SETTINGS
+from .options import ENGINE_BUILD_OPTIONS, GroupedCommand
 
 
 def _fail(ctx: click.Context, message: str) -> None:
@@ -63,29 +64,18 @@ def profile_command(ctx: click.Context, engines_dir: Path, run_: bool, iteration
             ctx.exit(1)
 
 
-@click.command("qdit4sr-build-engines", context_settings=CONTEXT_SETTINGS)
+@click.command("qdit4sr-build-engines", cls=GroupedCommand, context_settings=CONTEXT_SETTINGS)
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--workspace-gib", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True)
-@click.option("--batch-min", type=click.IntRange(min=1), default=EngineBuildConfig.batch_min, show_default=True)
-@click.option("--batch-opt", type=click.IntRange(min=1), default=EngineBuildConfig.batch_opt, show_default=True)
-@click.option("--batch-max", type=click.IntRange(min=1), default=EngineBuildConfig.batch_max, show_default=True)
-@click.option("--opt-level", type=click.IntRange(0, 5), default=EngineBuildConfig.builder_optimization_level,
-              show_default=True, help="TensorRT builder optimisation level.")
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
-              help="Timing cache file shared by the segments [default: FOLDER/timing.cache].")
-@click.option("--verbose", is_flag=True)
+@click.option("--verbose", is_flag=True, help="TensorRT's verbose builder log.")
+@ENGINE_BUILD_OPTIONS
 @click.pass_context
-def build_engines_command(ctx: click.Context, folder: Path, workspace_gib: float, batch_min: int, batch_opt: int,
-                  batch_max: int, opt_level: int, timing_cache: Path | None, verbose: bool) -> None:
+def build_engines_command(ctx: click.Context, folder: Path, verbose: bool, **options) -> None:
     """Build one TensorRT engine per timestep segment of the exported FOLDER."""
     from ..artifacts.manifest import ManifestError
     from ..engines.build import TensorRTUnavailable, build_engines
 
     try:
-        config = EngineBuildConfig(workspace_bytes=int(workspace_gib * (1 << 30)), batch_min=batch_min,
-                                   batch_opt=batch_opt, batch_max=batch_max, builder_optimization_level=opt_level,
-                                   timing_cache_path=None if timing_cache is None else str(timing_cache))
-        paths = build_engines(folder, config, verbose=verbose)
+        paths = build_engines(folder, ENGINE_BUILD_OPTIONS.build(options), verbose=verbose)
     except (TensorRTUnavailable, ManifestError, ValueError) as e:
         _fail(ctx, f"engines were not built: {e}")
         return

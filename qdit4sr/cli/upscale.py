@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ..artifacts.flavour import Flavour
 from .common import CONTEXT_SETTINGS, fail, first_line
 
 
@@ -13,9 +14,10 @@ from .common import CONTEXT_SETTINGS, fail, first_line
 @click.option("--engines", "engines", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Folder written by qdit4sr-export.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--flavour", type=click.Choice(Flavour.names()), default=Flavour.PORTABLE.value, show_default=True,
+              help="portable: onnxruntime on the portable graphs; trt: the TensorRT engines.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def upscale_command(image, engines, output, backend, seed):
+def upscale_command(image, engines, output, flavour, seed):
     """Super-resolve IMAGE x4 with an exported folder."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
@@ -34,7 +36,7 @@ def upscale_command(image, engines, output, backend, seed):
     except (UnidentifiedImageError, OSError) as e:
         fail(f"{image} is not a readable image ({e})")
     try:
-        pipe = load_exported_pipeline(engines, backend=backend)
+        pipe = load_exported_pipeline(engines, flavour=flavour)
         sr = pipe.upscale(lr, seed=seed)
         output.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(output, lambda tmp: Image.fromarray(sr).save(tmp, format="PNG"))

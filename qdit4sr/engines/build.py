@@ -24,13 +24,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ..artifacts.flavour import ENGINE_FLAVOUR
 from ..artifacts.graph_io import BATCH_AXIS
 from ..artifacts.manifest import FileRef, Manifest, engine_file_name
+from ..checks import check_int, is_int
 from ..fileio import atomic_write
 
 __all__ = [
     "MIN_TENSORRT_VERSION",
-    "TRT_FLAVOUR",
     "TensorRTUnavailable",
     "EngineBuildConfig",
     "InputSpec",
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 MIN_TENSORRT_VERSION = (10, 9)  # tensorrt.plugin.aot_impl
-TRT_FLAVOUR = "trt"
 DEFAULT_TIMING_CACHE = "timing.cache"
 
 
@@ -75,16 +75,12 @@ class EngineBuildConfig:
 
     def __post_init__(self):
         for name in ("workspace_bytes", "batch_min", "batch_opt", "batch_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name))
         if not self.batch_min <= self.batch_opt <= self.batch_max:
             raise ValueError(f"need batch_min <= batch_opt <= batch_max, got {self.batch_min}, {self.batch_opt}, "
                              f"{self.batch_max}")
         for name in ("tile_latent", "text_tokens"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+            check_int(name, getattr(self, name), optional=True)
         if not 0 <= self.builder_optimization_level <= 5:
             raise ValueError(f"builder_optimization_level must lie in 0..5, got {self.builder_optimization_level}")
 
@@ -216,7 +212,7 @@ def network_inputs(source: Manifest | str | Path | Mapping | Sequence,
         if spec.batch_axes != (0,):
             raise ValueError(f"input {spec.name} has shape {list(spec.shape)}: exactly its first axis must be the "
                              f"dynamic {BATCH_AXIS!r} axis")
-        bad = [d for d in spec.shape[1:] if isinstance(d, bool) or not isinstance(d, int) or d <= 0]
+        bad = [d for d in spec.shape[1:] if not is_int(d) or d <= 0]
         if bad:
             raise ValueError(f"input {spec.name} has shape {list(spec.shape)}: axes other than {BATCH_AXIS!r} must be "
                              f"positive ints (the graphs are exported for one tile size)")
@@ -248,10 +244,10 @@ def optimization_profile_shapes(inputs: Iterable[InputSpec] | Manifest | Mapping
 
 def _trt_graph(manifest: Manifest, folder: Path, segment: int) -> Path:
     seg = manifest.segments[segment]
-    if TRT_FLAVOUR not in seg.graphs:
-        raise ValueError(f"segment {segment} has no {TRT_FLAVOUR!r} graph (flavours: {sorted(seg.graphs)}); "
-                         f"export with --flavour trt or both")
-    return seg.graphs[TRT_FLAVOUR].resolve(folder)
+    if ENGINE_FLAVOUR not in seg.graphs:
+        raise ValueError(f"segment {segment} has no {ENGINE_FLAVOUR.value!r} graph (flavours: {sorted(seg.graphs)}); "
+                         f"export with --flavour {ENGINE_FLAVOUR}")
+    return seg.graphs[ENGINE_FLAVOUR].resolve(folder)
 
 
 def record_engines(folder: str | Path, engines: Mapping[int, str | Path]) -> Manifest:

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..artifacts.manifest import MANIFEST_FILE, Manifest, ManifestError
+from ..artifacts.flavour import ENGINE_FLAVOUR
+from ..artifacts.manifest import MANIFEST_FILE, Manifest, ManifestError, engine_file_name
+from ..checks import check_int
 from ..plugins import contract
-from .build import (DEFAULT_TIMING_CACHE, TRT_FLAVOUR, EngineBuildConfig, InputSpec, engine_file_name, network_inputs,
-                    optimization_profile_shapes)
+from .build import DEFAULT_TIMING_CACHE, EngineBuildConfig, InputSpec, network_inputs, optimization_profile_shapes
 
 __all__ = ["TRTEXEC", "ProfileError", "ProfilePlan", "trtexec_shapes", "profile_file_name",
            "trtexec_profile_command", "trtexec_build_command", "plan_profile", "run_plan"]
@@ -130,10 +131,8 @@ def plan_profile(folder: str | Path, batch: int | None = None, iterations: int =
     folder = Path(folder)
     config = config or EngineBuildConfig()
     batch = config.batch_opt if batch is None else batch
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ProfileError(f"batch must be a positive int, got {batch!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ProfileError(f"iterations must be a positive int, got {iterations!r}")
+    check_int("batch", batch, error=ProfileError)
+    check_int("iterations", iterations, error=ProfileError)
     manifest = _load_manifest(folder)
     try:
         inputs = network_inputs(manifest)
@@ -151,10 +150,10 @@ def plan_profile(folder: str | Path, batch: int | None = None, iterations: int =
         for index, engine in engines:
             plan.commands.append(trtexec_profile_command(engine, profile_file_name(index), inputs, batch, iterations))
         return plan
-    graphs = [(seg.index, seg.graphs[TRT_FLAVOUR].path) for seg in manifest.segments if TRT_FLAVOUR in seg.graphs]
+    graphs = [(seg.index, seg.graphs[ENGINE_FLAVOUR].path) for seg in manifest.segments if ENGINE_FLAVOUR in seg.graphs]
     if not graphs:
-        raise ProfileError(f"{folder} has no TensorRT engines and no {TRT_FLAVOUR!r} graphs to build them from "
-                           f"(flavours: {manifest.flavours}); re-export with --flavour trt or both")
+        raise ProfileError(f"{folder} has no TensorRT engines and no {ENGINE_FLAVOUR.value!r} graphs to build them "
+                           f"from (flavours: {manifest.flavours}); re-export with --flavour {ENGINE_FLAVOUR}")
     plan = ProfilePlan(folder, "graphs", notes=[
         f"no TensorRT engines in {folder} (the manifest lists none); build them first. Build commands, {where}:"])
     ops, all_aot = _plugin_nodes(folder / graphs[0][1])

@@ -2,13 +2,14 @@
 
     runner = SegmentedRunner(folder)                       # validates manifest.json first
     v = runner.run(step, hidden_states, controlnet_image, encoder_hidden_states, pooled_projections, timestep)
-    pipe = load_exported_pipeline(folder)                  # DiT4SRPipeline whose transformer is the runner
+    pipe = load_exported_pipeline(folder, flavour="trt")   # DiT4SRPipeline whose transformer is the runner
     sr = pipe.upscale(image)
 
-Backends are looked up by name in a registry. A backend is anything with
+The flavour names the runtime backend, looked up in a registry. A backend is anything with
 `run(segment_index, feeds: dict[str, np.ndarray]) -> np.ndarray` (the output velocity), built by a
-factory `(manifest, folder, **options)`. "onnxruntime" lives here; "tensorrt" is imported on first
-use from `qdit4sr.engines.trt_runtime`, which registers itself with `register_backend`.
+factory `(manifest, folder, **options)`. "portable" (onnxruntime on the portable graphs) lives here;
+"trt" (the TensorRT engines) is imported on first use from `qdit4sr.engines.trt_runtime`, which
+registers itself with `register_backend`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from ..artifacts.flavour import Flavour
 from ..artifacts.manifest import Manifest, load_codec_spec
 from ..models.pipeline import DiT4SRPipeline, PromptEmbeddings
 from ..models.step_context import current_step
@@ -33,24 +35,26 @@ class SegmentBackend(Protocol):
 
 
 BackendFactory = Callable[..., SegmentBackend]  # (manifest, folder, **options) -> backend
-_BACKENDS: dict[str, BackendFactory] = {}
+_BACKENDS: dict[str, BackendFactory] = {}       # flavour -> backend factory
 # Backends that live in modules of their own, imported only when asked for (they need extra packages).
-_LAZY_BACKENDS = {"tensorrt": "qdit4sr.engines.trt_runtime"}
+_LAZY_BACKENDS = {Flavour.TRT: "qdit4sr.engines.trt_runtime"}
 
 
-def register_backend(name: str, factory: BackendFactory) -> None:
-    _BACKENDS[name] = factory
+def register_backend(flavour: Flavour | str, factory: BackendFactory) -> None:
+    _BACKENDS[flavour] = factory
 
 
-def get_backend(name: str) -> BackendFactory:
-    if name not in _BACKENDS and name in _LAZY_BACKENDS:
+def get_backend(flavour: Flavour | str) -> BackendFactory:
+    """The backend factory that runs `flavour` (importing its module on first use)."""
+    if flavour not in _BACKENDS and flavour in _LAZY_BACKENDS:
         try:
-            importlib.import_module(_LAZY_BACKENDS[name])
+            importlib.import_module(_LAZY_BACKENDS[flavour])
         except ImportError as e:
-            raise RuntimeError(f"the {name!r} backend is unavailable here ({_LAZY_BACKENDS[name]}: {e})") from e
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown runtime backend {name!r}; available: {sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))}")
-    return _BACKENDS[name]
+            raise RuntimeError(f"the {flavour!s} runtime is unavailable here ({_LAZY_BACKENDS[flavour]}: {e})") from e
+    if flavour not in _BACKENDS:
+        raise ValueError(f"no runtime backend for flavour {str(flavour)!r}; available: "
+                         f"{sorted(str(f) for f in set(_BACKENDS) | set(_LAZY_BACKENDS))}")
+    return _BACKENDS[flavour]
 
 
 # ----------------------------------------------------------------------------- onnxruntime
@@ -65,7 +69,7 @@ class OrtBackend:
 
     def __init__(self, manifest: Manifest, folder: Path, providers: list[str] | None = None,
                  graph_optimization_level: str = "ORT_ENABLE_BASIC", intra_op_num_threads: int | None = None,
-                 flavour: str = "portable"):
+                 flavour: Flavour | str = Flavour.PORTABLE):
         import onnxruntime as ort
 
         if flavour not in manifest.flavours:
@@ -89,7 +93,7 @@ class OrtBackend:
         return self.sessions[segment_index].run([self.output_name], feeds)[0]
 
 
-register_backend("onnxruntime", OrtBackend)
+register_backend(Flavour.PORTABLE, OrtBackend)
 
 
 # ----------------------------------------------------------------------------- runner
@@ -97,11 +101,11 @@ register_backend("onnxruntime", OrtBackend)
 class SegmentedRunner:
     """Loads a validated exported folder and runs the segment that owns each sampler step."""
 
-    def __init__(self, folder: str | Path, backend: str = "onnxruntime", providers: list[str] | None = None,
-                 check_hashes: bool = True, **backend_options):
+    def __init__(self, folder: str | Path, flavour: Flavour | str = Flavour.PORTABLE,
+                 providers: list[str] | None = None, check_hashes: bool = True, **backend_options):
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder, check_hashes=check_hashes)
-        factory = get_backend(backend)
+        factory = get_backend(flavour)
         if providers is not None:
             backend_options["providers"] = providers
         self.backend: SegmentBackend = factory(self.manifest, self.folder, **backend_options)
@@ -181,9 +185,10 @@ class OrtTransformer:
         return torch.from_numpy(out).to(hidden_states.dtype)
 
 
-def load_exported_pipeline(folder: str | Path, backend: str = "onnxruntime", **runner_options) -> DiT4SRPipeline:
-    """The sampler rebuilt from the manifest (codec, settings, prompt) around the exported graphs."""
-    runner = SegmentedRunner(folder, backend=backend, **runner_options)
+def load_exported_pipeline(folder: str | Path, flavour: Flavour | str = Flavour.PORTABLE,
+                           **runner_options) -> DiT4SRPipeline:
+    """The sampler rebuilt from the manifest (codec, settings, prompt) around the exported graphs of `flavour`."""
+    runner = SegmentedRunner(folder, flavour=flavour, **runner_options)
     manifest = runner.manifest
     transformer = OrtTransformer(runner)
     if manifest.prompt_embeds is not None:

@@ -3,7 +3,7 @@
     backend = TensorRTBackend(folder)                    # or TensorRTBackend(manifest, folder)
     velocity = backend.run(segment_index, {"hidden_states": ..., ..., "timestep": ...})
 
-    runner = SegmentedRunner(folder, backend="tensorrt")  # the runtime imports this module on demand
+    runner = SegmentedRunner(folder, flavour="trt")       # the runtime imports this module on demand
 
 Every engine listed in the manifest is deserialized once (the engines were built with AOT plugins,
 so no plugin library and no Python plugin code is needed to load them). Device buffers are torch
@@ -12,7 +12,7 @@ output (checked at load), so one buffer set per batch serves every segment, and 
 execution context is rebound only when the batch changes. Host arrays are copied in and the output
 copied out on one torch CUDA stream, which is also the stream `execute_async_v3` runs on; no pycuda.
 
-Importing this module registers the backend as "tensorrt" in `qdit4sr.engines.runtime`'s registry.
+Importing this module registers the backend for the "trt" flavour in `qdit4sr.engines.runtime`'s registry.
 Constructing it without TensorRT or a CUDA device raises `TensorRTUnavailable` with the reason.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..artifacts.flavour import Flavour
 from ..artifacts.manifest import Manifest
 from .build import InputSpec, TensorRTUnavailable, network_inputs, require_tensorrt
 
@@ -208,10 +209,10 @@ class TensorRTBackend:
 
 
 def register_tensorrt_backend(register=None) -> None:
-    """Register the backend as "tensorrt" (with ``qdit4sr.engines.runtime.register_backend`` by default)."""
+    """Register the backend for the trt flavour (with ``qdit4sr.engines.runtime.register_backend`` by default)."""
     if register is None:
         from .runtime import register_backend as register
-    register("tensorrt", TensorRTBackend)
+    register(Flavour.TRT, TensorRTBackend)
 
 
 register_tensorrt_backend()

@@ -54,6 +54,7 @@ import torch
 from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from ..artifacts.flavour import Flavour
 from ..calibration.hadamard import hadamard_factor_matrices, hadamard_factors
 from ..calibration.qlinear import NO_ACT_QUANT, QuantLinear
 from ..calibration.quantizer import pack_int, qmax
@@ -62,7 +63,6 @@ from .external_data import WeightStore
 from .fp16_storage import compact
 from .placeholder import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, SOFTMAX_PLACEHOLDER_OP
 
-FLAVOURS = ("portable", "trt")
 TRT_INT4_BLOCKS = (64, 128)
 IR_VERSION = 10  # the IR version that introduced opset 21 (INT4); every current runtime reads it
 
@@ -90,7 +90,7 @@ class LayerSpec:
     input_rank: int
     hadamard: bool
     weight_bits: int
-    weight: dict[str, WeightDQ]                 # per flavour (equal objects unless the layouts differ)
+    weight: dict[Flavour, WeightDQ]             # per flavour (equal objects unless the layouts differ)
     bias: TensorProto | None
     act_bits: list[int]
     act_scales: list[float]
@@ -114,7 +114,7 @@ def _int_codes(store: WeightStore, name: str, codes: np.ndarray, bits: int) -> T
     return store.array(name, codes.astype(np.int8))
 
 
-def _weight_dq(store: WeightStore, layer: QuantLinear, name: str) -> dict[str, WeightDQ]:
+def _weight_dq(store: WeightStore, layer: QuantLinear, name: str) -> dict[Flavour, WeightDQ]:
     codes = layer.qweight.numpy().T.copy()                       # [K, N]
     scales = layer.weight_scales.numpy()                         # [N, n_groups], float32 or float16
     bits = layer.weight_bits
@@ -124,18 +124,18 @@ def _weight_dq(store: WeightStore, layer: QuantLinear, name: str) -> dict[str, W
         g, n = layer.group_size, layer.out_features
         dq = WeightDQ(codes_proto, store.array(f"{name}.weight_scale", scales.T.copy()), 0, g)
         if bits <= 4:
-            return {"portable": dq, "trt": dq}
+            return {Flavour.PORTABLE: dq, Flavour.TRT: dq}
         # Same bytes as the 2-D tensors, so the store keeps one copy for both flavours.
         codes_3d = store.array(f"{name}.qweight", codes.reshape(k // g, g, n).astype(np.int8))
         scale_3d = store.array(f"{name}.weight_scale", scales.T.reshape(k // g, 1, n).copy())
-        return {"portable": WeightDQ(codes_3d, scale_3d, 1, g, (k, n)), "trt": dq}
+        return {Flavour.PORTABLE: WeightDQ(codes_3d, scale_3d, 1, g, (k, n)), Flavour.TRT: dq}
     per_axis = WeightDQ(codes_proto, store.array(f"{name}.weight_scale", scales[:, 0].copy()), 1, 0)
     block = next((b for b in TRT_INT4_BLOCKS if k % b == 0), None)
     if bits > 4 or block is None:
-        return {"portable": per_axis, "trt": per_axis}
+        return {Flavour.PORTABLE: per_axis, Flavour.TRT: per_axis}
     repeated = np.repeat(scales[:, :1].T, k // block, axis=0)    # [K/block, N], one channel scale per block
     blocked = WeightDQ(codes_proto, store.array(f"{name}.weight_scale_blocked", repeated), 0, block)
-    return {"portable": per_axis, "trt": blocked}
+    return {Flavour.PORTABLE: per_axis, Flavour.TRT: blocked}
 
 
 def prepare_layer(store: WeightStore, name: str, layer: QuantLinear, input_rank: int) -> LayerSpec:
@@ -262,7 +262,7 @@ def _rewrite_softmax(b: _Builder, node: gs.Node, spec: SoftmaxSpec, segment: int
     b.op(spec.name, "Softmax", [logits], {"axis": -1}, out=y)
 
 
-def _residue(b: _Builder, spec: LayerSpec, x_q: gs.Variable, flavour: str) -> gs.Variable:
+def _residue(b: _Builder, spec: LayerSpec, x_q: gs.Variable, flavour: Flavour) -> gs.Variable:
     w = spec.weight[flavour]
     attrs = {"axis": w.axis} | ({"block_size": w.block_size} if w.block_size else {})
     half = w.scale.data_type == TensorProto.FLOAT16
@@ -276,7 +276,7 @@ def _residue(b: _Builder, spec: LayerSpec, x_q: gs.Variable, flavour: str) -> gs
     return y if spec.bias is None else b.op(spec.name, "Add", [y, b.weight(spec.bias)])
 
 
-def _branches_portable(b: _Builder, spec: LayerSpec, x_h: gs.Variable) -> gs.Variable | None:
+def _branches_portable(b: _Builder, spec: LayerSpec, x_h: gs.Variable, out_shape) -> gs.Variable | None:
     out = None
     if spec.down is not None:
         down_t = b.op(spec.name, "Transpose", [b.weight(spec.down)], {"perm": [1, 0]})
@@ -330,7 +330,11 @@ def _branches_trt(b: _Builder, spec: LayerSpec, x_h: gs.Variable, out_shape) -> 
     return out
 
 
-def _rewrite_node(b: _Builder, node: gs.Node, spec: LayerSpec, segment: int, flavour: str,
+# How each flavour writes the full-precision side branches (everything else is the same in every flavour).
+_BRANCHES = {Flavour.PORTABLE: _branches_portable, Flavour.TRT: _branches_trt}
+
+
+def _rewrite_node(b: _Builder, node: gs.Node, spec: LayerSpec, segment: int, flavour: Flavour,
                   factors: HadamardFactors) -> None:
     x, y = node.inputs[0], node.outputs[0]
     node.inputs.clear()
@@ -339,7 +343,7 @@ def _rewrite_node(b: _Builder, node: gs.Node, spec: LayerSpec, segment: int, fla
     x_h = _hadamard(b, spec, x, factors) if spec.hadamard else x
     x_q = _act_quant(b, spec, x_h, segment)
     main = _residue(b, spec, x_q, flavour)
-    side = _branches_portable(b, spec, x_h) if flavour == "portable" else _branches_trt(b, spec, x_h, out_shape)
+    side = _BRANCHES[flavour](b, spec, x_h, out_shape)
     if side is None:
         b.op(spec.name, "Identity", [main], out=y)
     else:
@@ -351,12 +355,11 @@ def _attr(node: gs.Node, key: str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def rewrite_segment(base: onnx.ModelProto, specs: dict[str, LayerSpec], segment: int, flavour: str,
+def rewrite_segment(base: onnx.ModelProto, specs: dict[str, LayerSpec], segment: int, flavour: Flavour | str,
                     opset: int, factors: HadamardFactors,
                     softmax_specs: dict[str, SoftmaxSpec] | None = None) -> onnx.ModelProto:
     """The deployable graph of one timestep segment: every placeholder replaced, lifted to `opset`."""
-    if flavour not in FLAVOURS:
-        raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
+    flavour = Flavour.parse(flavour)
     softmax_specs = softmax_specs or {}
     graph = gs.import_onnx(base)
     b = _Builder(graph)
@@ -385,11 +388,11 @@ def rewrite_segment(base: onnx.ModelProto, specs: dict[str, LayerSpec], segment:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     graph.opset = opset
     graph.import_domains = [onnx.helper.make_opsetid("", opset)]
-    if flavour == "trt":
+    if flavour == Flavour.TRT:
         graph.import_domains.append(contract.domain_opset())
     graph.name = f"qdit4sr_segment_{segment}_{flavour}"
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = IR_VERSION
     model.producer_name = "qdit4sr"
     del model.graph.value_info[:]  # stale shapes from the traced graph; inferred afresh below
-    return onnx.shape_inference.infer_shapes(model, strict_mode=flavour == "portable", data_prop=True)
+    return onnx.shape_inference.infer_shapes(model, strict_mode=flavour == Flavour.PORTABLE, data_prop=True)

@@ -1,6 +1,6 @@
 """ONNX export of a quantized DiT4SR transformer: one graph per timestep segment of the bit plan.
 
-    export_segments(model, plan, out_dir, tile_latent, text_tokens, flavour) -> [SegmentExport]
+    export_segments(model, plan, out_dir, tile_latent, text_tokens, flavour=("portable", "trt")) -> [SegmentExport]
 
 Each graph is the whole transformer forward for one tile: inputs hidden_states [B, C, h, h],
 controlnet_image [B, C, h, h], encoder_hidden_states [B, S, joint_dim], pooled_projections
@@ -29,25 +29,27 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import onnx
 import torch
 from tqdm import tqdm
 
+from ..artifacts.flavour import Flavour
 from ..artifacts.manifest import graph_file_name
 from ..calibration.api import quantized_layers
 from ..calibration.plan import BitPlan
 from ..calibration.qlinear import QuantLinear
 from ..calibration.qsoftmax import QuantSoftmax, quantized_softmaxes
+from ..checks import check_int
 from ..fileio import atomic_write, sha256_file
 from .external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE, WeightStore
 from .fp16_storage import compact_initializers
 from .graph_checks import check_onnx, check_trt
-from .graph_rewrite import FLAVOURS, HadamardFactors, SoftmaxSpec, prepare_layer, rewrite_segment
+from .graph_rewrite import HadamardFactors, SoftmaxSpec, prepare_layer, rewrite_segment
 from .placeholder import trace_base_graph
 
 MIN_OPSET, MAX_OPSET = 21, 23  # 21: INT4 and blocked Q/DQ; later opsets change none of the ops used here
-FLAVOUR_CHOICES = ("portable", "trt", "both")
 # Ops whose schema changed meaning after the TorchScript exporter's opset 20 (lifting them would be wrong).
 _CHANGED_AFTER_20 = ("GroupNormalization",)
 
@@ -59,7 +61,7 @@ class SegmentExport:
     index: int
     steps: tuple[int, int]                              # [start, end) sampler steps
     timesteps: list[float]
-    graphs: dict[str, Path] = field(default_factory=dict)       # flavour -> file
+    graphs: dict[Flavour, Path] = field(default_factory=dict)   # flavour -> file
     graph_sha256: dict[str, str] = field(default_factory=dict)
     weights: Path | None = None                         # the shared external-data file
     weights_sha256: str | None = None
@@ -68,12 +70,6 @@ class SegmentExport:
 
 
 # ----------------------------------------------------------------------------- validation
-
-def _flavours(flavour: str) -> tuple[str, ...]:
-    if flavour not in FLAVOUR_CHOICES:
-        raise ValueError(f"flavour must be one of {FLAVOUR_CHOICES}, got {flavour!r}")
-    return FLAVOURS if flavour == "both" else (flavour,)
-
 
 def check_plan_matches(model: torch.nn.Module, plan: BitPlan) -> dict[str, QuantLinear]:
     """The model's QuantLinear layers, in plan order, after checking they are the ones the plan describes."""
@@ -129,15 +125,13 @@ def check_softmax_matches(model: torch.nn.Module, plan: BitPlan) -> dict[str, Qu
 def check_tile(config, tile_latent: int, text_tokens: int) -> None:
     """The static tile must be a whole number of patches that the model's positional table covers."""
     p, max_side = config.patch_size, config.pos_embed_max_size
-    if not isinstance(tile_latent, int) or isinstance(tile_latent, bool) or tile_latent <= 0:
-        raise ValueError(f"tile_latent must be a positive int, got {tile_latent!r}")
+    check_int("tile_latent", tile_latent)
     if tile_latent % p:
         raise ValueError(f"tile_latent={tile_latent} is not a multiple of the patch size {p}")
     if max_side is not None and tile_latent // p > max_side:
         raise ValueError(f"tile_latent={tile_latent} gives {tile_latent // p} patches per side, beyond the model's "
                          f"pos_embed_max_size={max_side} (largest tile: {max_side * p} latent pixels)")
-    if not isinstance(text_tokens, int) or isinstance(text_tokens, bool) or text_tokens <= 0:
-        raise ValueError(f"text_tokens must be a positive int, got {text_tokens!r}")
+    check_int("text_tokens", text_tokens)
 
 
 def check_trt_weight_layout(layers: dict[str, QuantLinear]) -> None:
@@ -193,16 +187,16 @@ def _publish(staging: Path, out_dir: Path) -> None:
 
 @torch.no_grad()
 def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, tile_latent: int, text_tokens: int,
-                    flavour: str = "portable", opset: int = 21, *,
+                    flavour: Flavour | str | Iterable[Flavour | str] = Flavour.PORTABLE, opset: int = 21, *,
                     external_threshold_bytes: int = DEFAULT_THRESHOLD_BYTES,
                     progress: bool = True) -> list[SegmentExport]:
-    """Write one ONNX graph per segment (and flavour) plus the shared weights file into out_dir."""
-    flavours = _flavours(flavour)
+    """Write one ONNX graph per segment and flavour (one flavour or several) plus the shared weights file."""
+    flavours = Flavour.parse_many(flavour)
     _check_opset(opset)
     check_tile(model.config, tile_latent, text_tokens)
     layers = check_plan_matches(model, plan)
     softmaxes = check_softmax_matches(model, plan)
-    if "trt" in flavours:
+    if Flavour.TRT in flavours:
         check_trt_weight_layout(layers)
     out_dir = Path(out_dir)
     staging = _staging_dir(out_dir)
@@ -237,7 +231,7 @@ def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, 
                 text = graphs.pop((k, fl)).SerializeToString()
                 atomic_write(staging / name, lambda tmp, data=text: Path(tmp).write_bytes(data))
                 check_onnx(staging / name)
-                if fl == "trt":
+                if fl == Flavour.TRT:
                     check_trt(staging / name)
                 seg.graphs[fl] = out_dir / name
                 seg.graph_sha256[fl] = sha256_file(staging / name)

@@ -13,45 +13,29 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..artifacts.flavour import ENGINE_FLAVOUR
 from ..artifacts.manifest import MANIFEST_FILE, WEIGHTS_FILE
 from ..calibration.api import load_quantized_, quantize_, save_quantized
 from ..calibration.layers import example_inputs, used_linears
-from ..calibration.plan import BitPlan, QDiT4SRConfig
+from ..calibration.plan import BitPlan
 from ..calibration.stats import ActivationStats, CalibrationConfig, collect_activation_stats
 from ..fileio import atomic_write
 from ..models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline
+from .settings import ExportSettings
 
 RUN_FILE = "run.json"
-RUN_VERSION = 1
+RUN_VERSION = 2  # 2: settings grouped by concern (model, quantization, calibration, export)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class ExportError(RuntimeError):
     """A problem with the user's input or output folder, reported as one line."""
-
-
-@dataclass(frozen=True)
-class ExportSettings:
-    precision: str = "w4a4"
-    method: str = "qdit4sr"
-    model: str | None = None          # None: the embedded tiny model
-    variant: str | None = None
-    segments: int = 4
-    rank: int | None = None     # None: chosen from the model width by the CLI
-    seed: int = 0
-    calib_images: str | None = None
-    calib_count: int = 32
-    backend: str = "trt"              # "onnx": portable graphs only; "trt": also the plugin graphs + engines
-
-    def quant_config(self) -> QDiT4SRConfig:
-        return QDiT4SRConfig.preset(self.method, self.precision, num_segments=self.segments, rank=self.rank,
-                                    seed=self.seed)
 
 
 @dataclass
@@ -65,7 +49,9 @@ class StageLog:
 
 def prepare_out_dir(out: Path, settings: ExportSettings, model_hash: str, force: bool) -> bool:
     """Create or check the output folder; returns True when resuming a run with the same settings."""
-    record = {"version": RUN_VERSION, "model_hash": model_hash, "settings": asdict(settings)}
+    # Through JSON, so that it compares equal to the record read back from run.json.
+    record = json.loads(json.dumps({"version": RUN_VERSION, "model_hash": model_hash,
+                                    "settings": settings.cached_record()}))
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
     resuming = False
@@ -102,15 +88,15 @@ def prepare_out_dir(out: Path, settings: ExportSettings, model_hash: str, force:
 def load_pipeline(settings: ExportSettings) -> DiT4SRPipeline:
     from ..models.loading import CheckpointError
 
-    folder = Path(settings.model) if settings.model else DEFAULT_MODEL_DIR
+    folder = Path(settings.model.path) if settings.model.path else DEFAULT_MODEL_DIR
     if not folder.is_dir():
         raise ExportError(f"model folder {folder} does not exist")
     try:
         pipe = DiT4SRPipeline.from_folder(folder)
-        if settings.variant and settings.variant != pipe.transformer.config.variant:
+        if settings.model.variant and settings.model.variant != pipe.transformer.config.variant:
             from ..models.loading import load_transformer
 
-            pipe.transformer = load_transformer(folder, "transformer", variant=settings.variant)
+            pipe.transformer = load_transformer(folder, "transformer", variant=settings.model.variant)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise ExportError(f"cannot load the model from {folder}: {e}") from e
     return pipe
@@ -161,11 +147,12 @@ def calibrate(pipe: DiT4SRPipeline, settings: ExportSettings, folder: Path, log:
                 return stats
         except (ValueError, OSError, KeyError):
             pass
-    config = CalibrationConfig(num_images=settings.calib_count, seed=settings.seed)
+    config = CalibrationConfig(num_images=settings.calibration.count, seed=settings.seed)
     images = None
-    if settings.calib_images:
+    if settings.calibration.images:
         lr_crop = pipe.config.tile_size * pipe.codec.downsample // config.scale
-        images = lr_crops_from_folder(Path(settings.calib_images), lr_crop, settings.calib_count, settings.seed)
+        images = lr_crops_from_folder(Path(settings.calibration.images), lr_crop, settings.calibration.count,
+                                      settings.seed)
     stats = collect_activation_stats(pipe, layers, config, images=images)
     stats.save(stats_dir)
     log.done.append("calibration")
@@ -209,15 +196,14 @@ def export(pipe: DiT4SRPipeline, plan: BitPlan, settings: ExportSettings, folder
         pass
     (folder / MANIFEST_FILE).unlink(missing_ok=True)   # an old manifest must not describe new graphs
     tokens = pipe.prompt.prompt_embeds.shape[1]
-    flavour = "both" if settings.backend == "trt" else "portable"
     exports = export_segments(pipe.transformer, plan, folder, tile_latent=pipe.config.tile_size,
-                              text_tokens=tokens, flavour=flavour)
+                              text_tokens=tokens, flavour=settings.export.flavours)
     manifest = build_manifest(folder, exports, plan, model_hash=model_hash, pipeline_config=pipe.config,
                               codec=pipe.codec, transformer_config=pipe.transformer.config,
                               tile_latent=pipe.config.tile_size, text_tokens=tokens,
-                              prompt=None if settings.model is None else pipe.prompt,
-                              vae_path=None if pipe.codec.kind != "vae" else Path(settings.model) / "vae",
-                              precision=settings.precision)
+                              prompt=None if settings.model.path is None else pipe.prompt,
+                              vae_path=None if pipe.codec.kind != "vae" else Path(settings.model.path) / "vae",
+                              precision=settings.quantization.precision)
     manifest.save(folder)
     log.done.append("ONNX export")
     return manifest
@@ -226,14 +212,15 @@ def export(pipe: DiT4SRPipeline, plan: BitPlan, settings: ExportSettings, folder
 def build_trt_engines(settings: ExportSettings, folder: Path, log: StageLog) -> list[Path]:
     from ..engines.build import build_engines, tensorrt_status
 
-    if settings.backend != "trt":
-        log.skipped.append("TensorRT engines: --backend onnx asks for ONNX graphs only")
+    if not settings.export.builds_engines:
+        log.skipped.append(f"TensorRT engines: they are built from the {ENGINE_FLAVOUR} graphs, which "
+                           f"--flavour did not ask for")
         return []
     available, reason = tensorrt_status()
     if not available:
         log.skipped.append(f"TensorRT engines were not built: {reason}")
         return []
-    engines = build_engines(folder)
+    engines = build_engines(folder, settings.engines)
     log.done.append("TensorRT engines")
     return engines
 
@@ -266,7 +253,7 @@ def run_summary(folder: Path, plan: BitPlan, manifest, log: StageLog, fp16_bytes
 
 def comparison_crops(settings: ExportSettings, quantized: DiT4SRPipeline, log: StageLog) -> dict | None:
     """Bicubic / FP / quantized on one held-out photo; only for the embedded model (cheap there)."""
-    if settings.model is not None:
+    if settings.model.path is not None:
         log.skipped.append("report comparison crop (costly for a full-size model; run qdit4sr-upscale instead)")
         return None
     from ..models.evaluate import bicubic_x4, held_out_set

@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 
 from ..calibration.quantizer import pack_int, qmax, unpack_int
+from ..checks import is_int
+from .tiles import MIN_DOT, check_tile, pow2_at_least
 
 __all__ = [
     "KERNELS",
@@ -57,7 +59,6 @@ __all__ = [
 
 SUPPORTED_W_BITS = (4, 8)
 PRECISIONS = ("tf32x3", "tf32", "ieee")
-_MIN_DOT = 16  # smallest tl.dot tile edge
 _MIN_DOT_K_INT8 = 32  # int8 tl.dot needs a reduction dimension of at least 32
 # Launch options shared by every wrapper: explicit FMA contraction (Triton warns when it is left
 # to its changing default); the interpreter ignores it.
@@ -417,27 +418,17 @@ def _check_int32_offsets(m: int, n: int, k: int) -> None:
         raise ValueError(f"{m} rows x {max(n, k)} columns exceed the kernels' int32 indexing; split the rows")
 
 
-def _pow2_at_least(n: int, floor: int = _MIN_DOT) -> int:
-    return max(floor, triton.next_power_of_2(n))
-
-
-def _check_tile(name: str, size: int) -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or size < _MIN_DOT or size & (size - 1):
-        raise ValueError(f"{name} must be a power of two >= {_MIN_DOT}, got {size!r}")
-    return size
-
-
 def _block_m(m: int, device: torch.device, block_m: int | None) -> int:
     if block_m is not None:
-        return _check_tile("block_m", block_m)
+        return check_tile("block_m", block_m)
     # On the GPU larger tiles feed the tensor cores; the interpreter only pays per program.
-    return 64 if device.type == "cuda" and m > 32 else min(64, _pow2_at_least(m))
+    return 64 if device.type == "cuda" and m > 32 else min(64, pow2_at_least(m))
 
 
 def _block_n(n: int, device: torch.device, block_n: int | None) -> int:
     if block_n is not None:
-        return _check_tile("block_n", block_n)
-    return min(128 if device.type == "cuda" else 64, _pow2_at_least(n))
+        return check_tile("block_n", block_n)
+    return min(128 if device.type == "cuda" else 64, pow2_at_least(n))
 
 
 def _max_blocks_per_tile(extent: int, tile: int, block: int) -> int:
@@ -449,7 +440,7 @@ def block_branch_constexprs(n: int, k: int, s_o: int, s_i: int, block_n: int, bl
     """BLOCKS_K and BLOCK_T of the block rank-1 kernels for an [n, k] weight of s_o x s_i blocks."""
     blocks_k = _max_blocks_per_tile(k, block_k, s_i)
     blocks_n = _max_blocks_per_tile(n, block_n, s_o)
-    return {"BLOCKS_K": blocks_k, "BLOCK_T": _pow2_at_least(blocks_k * blocks_n)}
+    return {"BLOCKS_K": blocks_k, "BLOCK_T": pow2_at_least(blocks_k * blocks_n)}
 
 
 def _check_block_branch(sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int | None,
@@ -499,14 +490,14 @@ def lowrank_branch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, *, pre
     n = up.shape[0]
     _check_int32_offsets(m, n, k)
     _check_precision(precision)
-    _check_tile("block_k", block_k)
+    check_tile("block_k", block_k)
     device = _check_device(x2, down, up)
     bm, bn = _block_m(m, device, block_m), _block_n(n, device, block_n)
     y = torch.empty(m, n, dtype=torch.float32, device=device)
     if m:
         lowrank_branch_kernel[_grid(m, n, bm, bn)](
             x2, down.contiguous(), up.contiguous(), y, m, n, k, r,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, BLOCK_R=_pow2_at_least(r), PRECISION=precision,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, BLOCK_R=pow2_at_least(r), PRECISION=precision,
             num_warps=num_warps, **_LAUNCH_OPTIONS)
     return y.reshape(*x.shape[:-1], n)
 
@@ -521,7 +512,7 @@ def block_rank1_branch(x: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, v:
     n = p * s_o
     _check_int32_offsets(m, n, k)
     _check_precision(precision)
-    _check_tile("block_k", block_k)
+    check_tile("block_k", block_k)
     device = _check_device(x2, sigma, u, v)
     bm, bn = _block_m(m, device, block_m), _block_n(n, device, block_n)
     tiling = block_branch_constexprs(n, k, s_o, s_i, bn, block_k)
@@ -582,7 +573,7 @@ def fused_quant_linear(x_h: torch.Tensor, packed_w: torch.Tensor, w_scales: torc
     n = _check_packed_weight(packed_w, w_scales, w_bits, group, k)
     _check_int32_offsets(m, n, k)
     block_k = _fused_block_k(group)
-    if isinstance(a_bits, bool) or not isinstance(a_bits, int) or not 2 <= a_bits <= 8:
+    if not is_int(a_bits) or not 2 <= a_bits <= 8:
         raise ValueError(f"a_bits must be an integer in [2, 8], got {a_bits!r}")
     a_scale = float(a_scale)
     if not (math.isfinite(a_scale) and a_scale > 0):
@@ -604,7 +595,7 @@ def fused_quant_linear(x_h: torch.Tensor, packed_w: torch.Tensor, w_scales: torc
         tensors.append(bias)
     device = _check_device(*tensors)
     bm, bn = _block_m(m, device, block_m), _block_n(n, device, block_n)
-    tiling = block_branch_constexprs(n, k, s_o, s_i, bn, block_k) if has_block else {"BLOCKS_K": 1, "BLOCK_T": _MIN_DOT}
+    tiling = block_branch_constexprs(n, k, s_o, s_i, bn, block_k) if has_block else {"BLOCKS_K": 1, "BLOCK_T": MIN_DOT}
     y = torch.empty(m, n, dtype=torch.float32, device=device)
     if m:
         # Absent operands are replaced by y: a valid pointer the constexpr flags never read.
@@ -615,7 +606,7 @@ def fused_quant_linear(x_h: torch.Tensor, packed_w: torch.Tensor, w_scales: torc
             x2, packed_w.contiguous(), w_scales.contiguous(), arg(bias), arg(down), arg(up), arg(sigma), arg(u),
             arg(v), y, m, n, k, group, r, p, q, s_o, s_i, a_scale,
             W_BITS=w_bits, A_BITS=a_bits, HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank,
-            HAS_BLOCK=has_block, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, BLOCK_R=_pow2_at_least(r),
+            HAS_BLOCK=has_block, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, BLOCK_R=pow2_at_least(r),
             **tiling, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
             **_LAUNCH_OPTIONS)
     return y.reshape(*x_h.shape[:-1], n)

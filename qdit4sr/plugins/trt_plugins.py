@@ -35,7 +35,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, Tuple, Union
 
+from ..checks import check_int, is_int
 from . import contract
+from .tiles import check_tile, pow2_at_least
 
 __all__ = [
     "PLUGIN_IDS",
@@ -71,7 +73,6 @@ _POINTER_PARAM = {"x": "x_ptr", "down": "down_ptr", "up": "up_ptr", "sigma": "si
 # whether TensorRT's AOT launcher opts in beyond it is not documented, so the AOT kernels stay below.
 MAX_STATIC_SHARED_BYTES = 48 * 1024
 MAX_GRID_Y = 65535  # CUDA limit of gridDim.y, which counts the M tiles
-_MIN_DOT = 16  # smallest tl.dot tile edge (kernels._MIN_DOT)
 _KINDS: dict[str, type] = {"int": int, "string": str}
 
 
@@ -116,9 +117,7 @@ def _check_attribute_values(op: str, attrs: Mapping[str, Any]) -> dict[str, int]
     values = {}
     for name, kind in spec:
         value = attrs[name]
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ValueError(f"{op} attribute {name} must be a positive int, got {value!r}")
-        values[name] = value
+        values[name] = check_int(f"{op} attribute {name}", value) if kind is int else value
     return values
 
 
@@ -146,8 +145,7 @@ def plugin_output_shape(op: str, input_shapes: Sequence[Sequence[int | str | Non
             raise ValueError(f"{op} takes {len(names)} inputs ({', '.join(names)}), got {len(shapes)} shapes")
     values = _check_attribute_values(op, attrs)
     node = contract.make_plugin_node(op, names, ["y"], name=op, **values)
-    known = {n: [d if isinstance(d, int) and not isinstance(d, bool) else None for d in s]
-             for n, s in zip(names, shapes)}
+    known = {n: [d if is_int(d) else None for d in s] for n, s in zip(names, shapes)}
     problems = contract.check_plugin_node(node, known)
     if problems:
         raise ValueError(f"{op}: " + "; ".join(problems))
@@ -155,22 +153,6 @@ def plugin_output_shape(op: str, input_shapes: Sequence[Sequence[int | str | Non
 
 
 # =========================================================================== launch configuration
-
-
-def _pow2_at_least(n: int, floor: int = _MIN_DOT) -> int:
-    return max(floor, 1 << max(0, (n - 1).bit_length()))
-
-
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _tile(name: str, value: Any) -> int:
-    if _positive(name, value) < _MIN_DOT or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {_MIN_DOT}, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -206,7 +188,7 @@ class LaunchConfig:
     def grid(self, m: Any, cdiv: Callable[[Any, int], Any] | None = None) -> tuple[Any, Any]:
         """(grid_x, grid_y) = (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)); ``cdiv`` handles a symbolic M."""
         gx = -(-self.out_features // self.block_n)
-        if isinstance(m, int) and not isinstance(m, bool):
+        if is_int(m):
             gy = -(-m // self.block_m)
             if gy > MAX_GRID_Y:
                 raise ValueError(f"{m} rows need {gy} row tiles, beyond CUDA's grid.y limit {MAX_GRID_Y}; "
@@ -221,13 +203,13 @@ def lowrank_launch_config(rank: int, in_features: int, out_features: int, *, blo
                           block_n: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
                           precision: str = "tf32x3") -> LaunchConfig:
     """Launch of ``lowrank_branch_kernel`` for LowRankBranch(rank, in_features, out_features)."""
-    r, k, n = _positive("rank", rank), _positive("in_features", in_features), _positive("out_features", out_features)
+    r, k, n = check_int("rank", rank), check_int("in_features", in_features), check_int("out_features", out_features)
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        _tile(name, value)
+        check_tile(name, value)
     constexprs = (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k),
-                  ("BLOCK_R", _pow2_at_least(r)), ("PRECISION", precision))
+                  ("BLOCK_R", pow2_at_least(r)), ("PRECISION", precision))
     return LaunchConfig(op="LowRankBranch", kernel=KERNEL_OF_OP["LowRankBranch"], constexprs=constexprs,
-                        num_warps=_positive("num_warps", num_warps), num_stages=_positive("num_stages", num_stages),
+                        num_warps=check_int("num_warps", num_warps), num_stages=check_int("num_stages", num_stages),
                         block_m=block_m, block_n=block_n, out_features=n,
                         scalars=(("M", None), ("N", n), ("K", k), ("R", r)),
                         inputs=tuple(_POINTER_PARAM[t] for t in plugin_input_names("LowRankBranch")))
@@ -237,18 +219,18 @@ def block_rank1_launch_config(block_out: int, block_in: int, in_features: int, o
                               block_m: int = 64, block_n: int = 64, block_k: int = 64, num_warps: int = 4,
                               num_stages: int = 2, precision: str = "tf32x3") -> LaunchConfig:
     """Launch of ``block_rank1_branch_kernel`` for BlockRank1Branch(block_out, block_in, in_features, out_features)."""
-    s_o, s_i = _positive("block_out", block_out), _positive("block_in", block_in)
-    k, n = _positive("in_features", in_features), _positive("out_features", out_features)
+    s_o, s_i = check_int("block_out", block_out), check_int("block_in", block_in)
+    k, n = check_int("in_features", in_features), check_int("out_features", out_features)
     if n % s_o or k % s_i:
         raise ValueError(f"blocks {s_o}x{s_i} must tile the {n}x{k} weight (out_features % block_out == 0 and "
                          f"in_features % block_in == 0)")
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        _tile(name, value)
+        check_tile(name, value)
     tiling = _block_branch_constexprs(n, k, s_o, s_i, block_n, block_k)
     constexprs = (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("BLOCK_K", block_k),
                   ("BLOCKS_K", tiling["BLOCKS_K"]), ("BLOCK_T", tiling["BLOCK_T"]), ("PRECISION", precision))
     return LaunchConfig(op="BlockRank1Branch", kernel=KERNEL_OF_OP["BlockRank1Branch"], constexprs=constexprs,
-                        num_warps=_positive("num_warps", num_warps), num_stages=_positive("num_stages", num_stages),
+                        num_warps=check_int("num_warps", num_warps), num_stages=check_int("num_stages", num_stages),
                         block_m=block_m, block_n=block_n, out_features=n,
                         scalars=(("M", None), ("N", n), ("K", k), ("P", n // s_o), ("Q", k // s_i),
                                  ("S_O", s_o), ("S_I", s_i)),

@@ -7,8 +7,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from qdit4sr.calibration.plan import QuantizationSettings
 from qdit4sr.cli.export import export_command
 from qdit4sr.cli.upscale import upscale_command
+from qdit4sr.engines.build import EngineBuildConfig
+from qdit4sr.exporter.settings import ExportConfig, ExportSettings
 from qdit4sr.models.latents import PixelUnshuffleCodec
 from qdit4sr.models.loading import save_transformer
 from qdit4sr.models.pipeline import PipelineConfig
@@ -147,3 +150,57 @@ def test_interrupted_run_leaves_no_manifest_and_resumes(tmp_path, model_dir, mon
     r = _export(out, model_dir)
     assert r.exit_code == 0, r.output
     assert "reused           calibration, quantization" in r.output
+
+
+def test_option_groups_build_the_settings(tmp_path, monkeypatch):
+    """Each option group fills its settings dataclass; --flavour is repeatable (default both flavours)."""
+    from qdit4sr.exporter import stages
+
+    seen = []
+
+    def stop(settings):
+        seen.append(settings)
+        raise stages.ExportError("stop here")
+
+    monkeypatch.setattr(stages, "load_pipeline", stop)
+    for extra, expected in (((), ("portable", "trt")), (("--flavour", "portable"), ("portable",)),
+                            (("--flavour", "trt", "--flavour", "portable"), ("portable", "trt"))):
+        r = CliRunner().invoke(export_command, ["--out", str(tmp_path / "o"), *extra])
+        assert r.exit_code == 2 and "stop here" in r.output
+        assert seen.pop().export.flavours == expected
+    r = CliRunner().invoke(export_command, ["--out", str(tmp_path / "o"), "--flavour", "onnx"])
+    assert r.exit_code == 2 and "'onnx' is not one of 'portable', 'trt'" in r.output
+    r = CliRunner().invoke(export_command, ["--out", str(tmp_path / "o"), "--model", "m", "--variant", "dit4sr_r1",
+                                            "--precision", "W4A6", "--method", "rtn", "--segments", "3",
+                                            "--calib-count", "5", "--seed", "7", "--batch-max", "8",
+                                            "--workspace-gib", "0.5", "--timing-cache", "t.cache"])
+    settings = seen.pop()
+    assert (settings.model.path, settings.model.variant) == ("m", "dit4sr_r1")
+    assert settings.quantization == QuantizationSettings(precision="w4a6", method="rtn", segments=3, rank=None)
+    assert (settings.calibration.images, settings.calibration.count, settings.seed) == (None, 5, 7)
+    assert settings.engines == EngineBuildConfig(batch_max=8, workspace_bytes=1 << 29, timing_cache_path="t.cache")
+
+
+def test_engine_stage_follows_the_flavours_and_forwards_the_build_options(tmp_path, monkeypatch):
+    from qdit4sr.engines import build
+    from qdit4sr.exporter import stages
+
+    log = stages.StageLog()
+    portable = ExportSettings(export=ExportConfig(flavours=("portable",)))
+    assert stages.build_trt_engines(portable, tmp_path, log) == []
+    assert "built from the trt graphs, which --flavour did not ask for" in log.skipped[0]
+    calls = []
+    monkeypatch.setattr(build, "tensorrt_status", lambda: (True, "pretend"))
+    monkeypatch.setattr(build, "build_engines", lambda folder, config: calls.append((folder, config)) or [])
+    settings = ExportSettings(engines=EngineBuildConfig(batch_max=4))
+    stages.build_trt_engines(settings, tmp_path, log)
+    assert calls == [(tmp_path, EngineBuildConfig(batch_max=4))] and log.done == ["TensorRT engines"]
+
+
+def test_upscale_trt_flavour_needs_engines(exported, tmp_path):
+    out, _ = exported
+    Image.new("RGB", (16, 16)).save(tmp_path / "lr.png")
+    r = CliRunner().invoke(upscale_command, [str(tmp_path / "lr.png"), "--engines", str(out), "-o",
+                                             str(tmp_path / "sr.png"), "--flavour", "trt"])
+    assert r.exit_code == 2 and "error:" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "sr.png").exists()

@@ -328,10 +328,10 @@ def test_build_engines_needs_trt_graphs(tmp_path, fake_trt):
 def test_backend_registers_with_the_runtime():
     from qdit4sr.engines import runtime, trt_runtime
 
-    assert runtime.get_backend("tensorrt") is trt_runtime.TensorRTBackend
+    assert runtime.get_backend("trt") is trt_runtime.TensorRTBackend
     registered = {}
     trt_runtime.register_tensorrt_backend(lambda name, factory: registered.update({name: factory}))
-    assert registered == {"tensorrt": trt_runtime.TensorRTBackend}
+    assert registered == {"trt": trt_runtime.TensorRTBackend}
 
 
 def test_backend_unavailable_here(export_folder):
@@ -344,7 +344,7 @@ def test_backend_unavailable_here(export_folder):
     from qdit4sr.engines.runtime import SegmentedRunner
 
     with pytest.raises(B.TensorRTUnavailable):
-        SegmentedRunner(export_folder, backend="tensorrt")
+        SegmentedRunner(export_folder, flavour="trt")
 
 
 def _feeds(batch=2):
@@ -416,13 +416,13 @@ def test_build_and_run_micro_export_against_onnxruntime(tmp_path):
     from tests.exporter.micro_export import export_micro, quantized_micro
 
     folder = tmp_path / "export"
-    export_micro(quantized_micro("qdit4sr", "w4a4"), folder, flavour="both")
+    export_micro(quantized_micro("qdit4sr", "w4a4"), folder, flavour=("portable", "trt"))
     paths = B.build_engines(folder, B.EngineBuildConfig(batch_max=4, workspace_bytes=1 << 30))
     assert [p.name for p in paths] == [B.engine_file_name(k) for k in range(len(paths))]
     from qdit4sr.engines.runtime import SegmentedRunner
 
-    trt_runner = SegmentedRunner(folder, backend="tensorrt")
-    ort_runner = SegmentedRunner(folder, backend="onnxruntime")
+    trt_runner = SegmentedRunner(folder, flavour="trt")
+    ort_runner = SegmentedRunner(folder, flavour="portable")
     feeds = {s.name: np.random.default_rng(0).standard_normal(s.concrete(2)).astype(np.float32)
              for s in B.network_inputs(folder)}
     for step in range(trt_runner.num_steps):

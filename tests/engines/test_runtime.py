@@ -104,11 +104,11 @@ def test_backend_registry(exported, monkeypatch):
             return np.full(self.shape, self.scale, dtype=np.float32)
 
     monkeypatch.setitem(runtime._BACKENDS, "recorder", Recorder)
-    runner = SegmentedRunner(folder, backend="recorder", check_hashes=False, scale=2.0)
+    runner = SegmentedRunner(folder, flavour="recorder", check_hashes=False, scale=2.0)
     out = runner.run(3, *micro_inputs(MICRO_CONFIG, batch=2, size=TILE, tokens=TOKENS))
     assert out[0, 0, 0, 0] == 2.0
     assert seen == [(1, sorted(t.name for t in runner.manifest.inputs))]
-    with pytest.raises(ValueError, match="unknown runtime backend 'nope'"):
+    with pytest.raises(ValueError, match="no runtime backend for flavour 'nope'"):
         get_backend("nope")
     with pytest.raises(ValueError, match="no 'trt' graphs"):
-        SegmentedRunner(folder, flavour="trt", check_hashes=False)
+        runtime.OrtBackend(runner.manifest, folder, flavour="trt")

@@ -167,7 +167,7 @@ def exported(tmp_path_factory):
     """Three quantized micro models, each exported once: {case: (quantized, exports, folder)}."""
     cases = {
         # W4A4 H-SVD with VaSMP (two boosted layers get wider weights) and VaTMP segments
-        "w4a4_hsvd": (dict(preset="qdit4sr", precision="w4a4", rank=8, num_segments=2, boost=W4A4_BOOST), "both"),
+        "w4a4_hsvd": (dict(preset="qdit4sr", precision="w4a4", rank=8, num_segments=2, boost=W4A4_BOOST), ("portable", "trt")),
         # the published dit4sr_q variant: to_k_control is computed and unused (dead code in the graph)
         # INT8 weights in groups of 64 (portable only: TensorRT blocks only INT4), the [K/G, G, N] layout
         "w8a8_rtn": (dict(preset="rtn", precision="w8a8", model_config={"variant": "dit4sr_q"}, wide_group_size=64),
@@ -177,7 +177,7 @@ def exported(tmp_path_factory):
                                 storage_dtype="float32"), "portable"),
         # float32 storage: the branches, scales and FP layers keep every bit
         "w4a6_svd_per_channel": (dict(preset="svdquant", precision="w4a6", rank=8, group_size=None,
-                                      storage_dtype="float32"), "both"),
+                                      storage_dtype="float32"), ("portable", "trt")),
     }
     out = {}
     for name, (kwargs, flavour) in cases.items():
