@@ -22,6 +22,11 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> N
         raise
 
 
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    """Write `text` to target atomically."""
+    atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """sha256 of a file, read in chunks (weights files can be several GB)."""
     digest = hashlib.sha256()

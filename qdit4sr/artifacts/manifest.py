@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..calibration.plan import BitPlan
-from ..fileio import atomic_write, sha256_file
+from ..calibration.plan import BitPlan, step_to_segment
+from ..fileio import atomic_write_text, sha256_file
 
 if TYPE_CHECKING:  # the sampler and codec classes pull in diffusers: imported when first used
     from ..models.pipeline import PipelineConfig
@@ -129,10 +129,10 @@ class Manifest:
         return PipelineConfig(**self.sampler)
 
     def segment_of_step(self, step: int) -> int:
-        for seg in self.segments:
-            if seg.steps[0] <= step < seg.steps[1]:
-                return seg.index
-        raise IndexError(f"sampler step {step} is outside the {self.num_steps} exported steps")
+        segment_map = step_to_segment([seg.steps for seg in self.segments])
+        if not 0 <= step < len(segment_map):
+            raise IndexError(f"sampler step {step} is outside the {self.num_steps} exported steps")
+        return segment_map[step]
 
     # -- serialisation ---------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -141,7 +141,7 @@ class Manifest:
     def save(self, folder: str | Path) -> Path:
         target = Path(folder) / MANIFEST_FILE
         text = self.to_json()
-        atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(target, text)
         return target
 
     @classmethod

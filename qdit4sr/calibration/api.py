@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .hadamard import rotate_weight
 from .hsvd import HSVDConfig, decompose_weight
 from .layers import quantizable_linears
-from .plan import BitPlan, LayerPlan, QDiT4SRConfig, SoftmaxPlan
+from .plan import BitPlan, LayerPlan, QDiT4SRConfig, SoftmaxPlan, step_to_segment
 from .qlinear import NO_ACT_QUANT, QuantLinear
 from .qsoftmax import QuantSoftmax, attention_cores, softmax_scale
 from .quantizer import WeightQuantConfig, activation_scale, gaussian_kappa, qmax, quantize_weight
@@ -129,7 +129,7 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
     w_bits, w_info = _weight_bits(variances, sizes, config)
 
     segments, a_bits, a_info = _act_schedule(stats.second_moment, config)
-    segment_of_step = [k for k, (s, e) in enumerate(segments) for _ in range(s, e)]
+    segment_of_step = step_to_segment(segments)
 
     layer_plans = []
     for i, name in enumerate(tqdm(names, desc="quantize residues", disable=not progress)):

@@ -10,10 +10,11 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write_text
 
 PLAN_VERSION = 2
 _PRECISION = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+(?:\.\d+)?)$")
@@ -30,6 +31,15 @@ METHOD_PRESETS: dict[str, dict] = {
     "svdquant": dict(decomposition="svd", mixed_weight_bits=False, temporal_act_bits=False),
     "rtn": dict(decomposition="rtn", mixed_weight_bits=False, temporal_act_bits=False),
 }
+
+
+def step_to_segment(segments: Sequence[Sequence[int]]) -> list[int]:
+    """Sampler step -> timestep segment, for contiguous [start, end) segments from step 0.
+
+    The one place the map is computed: the plan, the quantized modules, the manifest and the runtime
+    all take it from here.
+    """
+    return [k for k, (start, end) in enumerate(segments) for _ in range(start, end)]
 
 
 def default_rank(width: int) -> int:
@@ -191,10 +201,7 @@ class BitPlan:
         return len(self.timesteps)
 
     def segment_of_step(self) -> list[int]:
-        out = []
-        for k, (start, end) in enumerate(self.segments):
-            out.extend([k] * (end - start))
-        return out
+        return step_to_segment(self.segments)
 
     def act_bits_grid(self) -> np.ndarray:
         """[L, T] activation bits of every layer at every sampler step."""
@@ -226,7 +233,7 @@ class BitPlan:
 
     def save(self, path: Path) -> None:
         text = self.to_json()
-        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(Path(path), text)
 
     @classmethod
     def from_json(cls, text: str) -> "BitPlan":

@@ -16,7 +16,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, atomic_write_text
 from ..models.images import TRAIN_PHOTOS, degrade_x4, load_photo, resize_bicubic, to_tensor
 from ..models.step_context import current_step
 from .hadamard import apply_hadamard
@@ -60,7 +60,7 @@ class ActivationStats:
              "softmax_amax": self.softmax_amax.astype(np.float64)}, tmp))
         meta = {"version": STATS_VERSION, "layers": self.layers, "timesteps": self.timesteps,
                 "softmax_sites": self.softmax_sites, "config": asdict(self.config)}
-        atomic_write(folder / "activation_stats.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        atomic_write_text(folder / "activation_stats.json", json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, folder: Path) -> "ActivationStats":

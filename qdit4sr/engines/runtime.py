@@ -109,17 +109,14 @@ class SegmentedRunner:
         if providers is not None:
             backend_options["providers"] = providers
         self.backend: SegmentBackend = factory(self.manifest, self.folder, **backend_options)
-        self._step_to_segment = [seg.index for seg in self.manifest.segments for _ in range(*seg.steps)]
         self.input_names = [t.name for t in self.manifest.inputs]
 
     @property
     def num_steps(self) -> int:
-        return len(self._step_to_segment)
+        return self.manifest.num_steps
 
     def segment_of_step(self, step_index: int) -> int:
-        if not 0 <= step_index < self.num_steps:
-            raise IndexError(f"sampler step {step_index} is outside the {self.num_steps} exported steps")
-        return self._step_to_segment[step_index]
+        return self.manifest.segment_of_step(step_index)
 
     def _feeds(self, arrays: tuple) -> dict[str, np.ndarray]:
         feeds = {}

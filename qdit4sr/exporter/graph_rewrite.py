@@ -56,6 +56,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..artifacts.flavour import Flavour
 from ..calibration.hadamard import hadamard_factor_matrices, hadamard_factors
+from ..calibration.plan import LayerPlan, SoftmaxPlan
 from ..calibration.qlinear import NO_ACT_QUANT, QuantLinear
 from ..calibration.quantizer import pack_int, qmax
 from ..plugins import contract
@@ -138,26 +139,21 @@ def _weight_dq(store: WeightStore, layer: QuantLinear, name: str) -> dict[Flavou
     return {Flavour.PORTABLE: per_axis, Flavour.TRT: blocked}
 
 
-def prepare_layer(store: WeightStore, name: str, layer: QuantLinear, input_rank: int) -> LayerSpec:
-    """Write one layer's weights into the store and describe it for the rewrite."""
+def prepare_layer(store: WeightStore, plan: LayerPlan, layer: QuantLinear, input_rank: int) -> LayerSpec:
+    """Write one layer's tensors into the store and describe it for the rewrite: sizes, bits, scales and
+    branch shapes from the plan, the tensors (codes, scales, bias, branches) from the module."""
+    name = plan.name
+
     def arr(suffix: str, t) -> TensorProto | None:
         return None if t is None else store.array(f"{name}.{suffix}", compact(t.detach().float().numpy()))
 
     return LayerSpec(
-        name=name, in_features=layer.in_features, out_features=layer.out_features, input_rank=input_rank,
-        hadamard=layer.hadamard, weight_bits=layer.weight_bits, weight=_weight_dq(store, layer, name),
-        bias=arr("bias", layer.bias), act_bits=list(layer.act_bits), act_scales=list(layer.act_scales),
+        name=name, in_features=plan.in_features, out_features=plan.out_features, input_rank=input_rank,
+        hadamard=layer.hadamard, weight_bits=plan.weight_bits, weight=_weight_dq(store, layer, name),
+        bias=arr("bias", layer.bias), act_bits=list(plan.act_bits), act_scales=list(plan.act_scales),
         down=arr("lowrank_down", layer.down), up=arr("lowrank_up", layer.up), sigma=arr("block_sigma", layer.block_sigma),
-        block_u=arr("block_u", layer.block_u), block_v=arr("block_v", layer.block_v), block_shape=layer.block_shape)
-
-
-@dataclass
-class SoftmaxSpec:
-    """One attention core's softmax-input quantization: bits and the static scale per segment."""
-
-    name: str
-    bits: int
-    scales: list[float]
+        block_u=arr("block_u", layer.block_u), block_v=arr("block_v", layer.block_v),
+        block_shape=None if plan.block_shape is None else tuple(plan.block_shape))
 
 
 @dataclass
@@ -254,7 +250,7 @@ def _act_quant(b: _Builder, spec: LayerSpec, x: gs.Variable, segment: int) -> gs
     return _static_qdq(b, spec.name, x, spec.act_bits[segment], spec.act_scales[segment])
 
 
-def _rewrite_softmax(b: _Builder, node: gs.Node, spec: SoftmaxSpec, segment: int) -> None:
+def _rewrite_softmax(b: _Builder, node: gs.Node, spec: SoftmaxPlan, segment: int) -> None:
     x, y = node.inputs[0], node.outputs[0]
     node.inputs.clear()
     node.outputs.clear()
@@ -357,7 +353,7 @@ def _attr(node: gs.Node, key: str) -> str:
 
 def rewrite_segment(base: onnx.ModelProto, specs: dict[str, LayerSpec], segment: int, flavour: Flavour | str,
                     opset: int, factors: HadamardFactors,
-                    softmax_specs: dict[str, SoftmaxSpec] | None = None) -> onnx.ModelProto:
+                    softmax_specs: dict[str, SoftmaxPlan] | None = None) -> onnx.ModelProto:
     """The deployable graph of one timestep segment: every placeholder replaced, lifted to `opset`."""
     flavour = Flavour.parse(flavour)
     softmax_specs = softmax_specs or {}

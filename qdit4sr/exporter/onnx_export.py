@@ -2,17 +2,17 @@
 
     export_segments(model, plan, out_dir, tile_latent, text_tokens, flavour=("portable", "trt")) -> [SegmentExport]
 
-Each graph is the whole transformer forward for one tile: inputs hidden_states [B, C, h, h],
-controlnet_image [B, C, h, h], encoder_hidden_states [B, S, joint_dim], pooled_projections
-[B, pooled_dim], timestep [B]; output velocity [B, C_out, h, h]; only B is dynamic.
+Each graph is the whole transformer forward for one tile, with the inputs and output of
+`qdit4sr.artifacts.graph_io` (only the batch axis is dynamic). The layers' bits, scales and branch
+shapes come from the plan, their tensors from the quantized modules.
 
 Route: the transformer is traced once by the TorchScript exporter with every QuantLinear replaced by a
 placeholder node (placeholder.py); for every segment and flavour the placeholders are rewritten into
 Hadamard, activation Q/DQ, quantized weight and side-branch ops (graph_rewrite.py documents the ops,
-and why b-bit activations sit in an INT8 container). Flavours:
+and why b-bit activations sit in an INT8 container). Flavours (`qdit4sr.artifacts.flavour.Flavour`):
 
     portable  standard ONNX ops only; what onnxruntime runs
-    trt       the side branches as qdit4sr plugin nodes (contract.py) for TensorRT; passes `lint_model`
+    trt       the side branches as qdit4sr plugin nodes (plugins/contract.py) for TensorRT; passes `lint_model`
 
 Quantized layers whose output never reaches the velocity (dit4sr_q computes to_k_control and drops it)
 are removed by the tracer as dead code; they are listed in `SegmentExport.dead_layers` and not stored.
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import onnx
 import torch
 from tqdm import tqdm
@@ -46,7 +47,7 @@ from ..fileio import atomic_write, sha256_file
 from .external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE, WeightStore
 from .fp16_storage import compact_initializers
 from .graph_checks import check_onnx, check_trt
-from .graph_rewrite import HadamardFactors, SoftmaxSpec, prepare_layer, rewrite_segment
+from .graph_rewrite import HadamardFactors, prepare_layer, rewrite_segment
 from .placeholder import trace_base_graph
 
 MIN_OPSET, MAX_OPSET = 21, 23  # 21: INT4 and blocked Q/DQ; later opsets change none of the ops used here
@@ -71,54 +72,55 @@ class SegmentExport:
 
 # ----------------------------------------------------------------------------- validation
 
-def check_plan_matches(model: torch.nn.Module, plan: BitPlan) -> dict[str, QuantLinear]:
-    """The model's QuantLinear layers, in plan order, after checking they are the ones the plan describes."""
+def _refuse_disagreement(what: str, pairs: dict[str, tuple]) -> None:
+    """pairs: label -> (the module's value, the plan's value). The graphs are built from the plan; a module
+    that disagrees would make them compute something else than the torch model, the numerical reference."""
+    differ = [f"{label} {mine} vs plan {planned}" for label, (mine, planned) in pairs.items() if mine != planned]
+    if differ:
+        raise ValueError(f"{what} does not match the plan: {'; '.join(differ)}")
+
+
+def _scales(values) -> list[float]:
+    return [float(v) for v in np.float32(values)]  # as the graph stores them
+
+
+def planned_layers(model: torch.nn.Module, plan: BitPlan) -> dict[str, QuantLinear]:
+    """The model's QuantLinear layers in plan order, each checked to be the layer the plan describes."""
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("the model has no QuantLinear layers; quantize it with quantize_() before exporting")
-    planned = [l.name for l in plan.layers]
+    planned = [lp.name for lp in plan.layers]
     missing, extra = sorted(set(planned) - set(layers)), sorted(set(layers) - set(planned))
     if missing or extra or len(planned) != len(layers):
         raise ValueError(f"plan and model disagree: plan has {len(planned)} layers, model {len(layers)} QuantLinear; "
                          f"missing in model: {missing[:5]}; not in plan: {extra[:5]}")
-    k = len(plan.segments)
-    seg_of_step = plan.segment_of_step()
+    segment_map = plan.segment_of_step()
     for lp in plan.layers:
         q = layers[lp.name]
-        problems = []
-        if (q.in_features, q.out_features) != (lp.in_features, lp.out_features):
-            problems.append(f"shape {q.in_features}->{q.out_features} vs plan {lp.in_features}->{lp.out_features}")
-        if q.weight_bits != lp.weight_bits:
-            problems.append(f"weight bits {q.weight_bits} vs plan {lp.weight_bits}")
-        if len(q.act_bits) != k or list(q.act_bits) != list(lp.act_bits):
-            problems.append(f"activation bits {q.act_bits} vs plan {lp.act_bits} ({k} segments)")
-        elif any(abs(a - b) > 1e-6 * max(abs(b), 1e-30) for a, b in zip(q.act_scales, lp.act_scales)):
-            problems.append(f"activation scales {q.act_scales} vs plan {lp.act_scales}")
-        if list(q.segment_of_step) != seg_of_step:
-            problems.append("its step -> segment map differs from the plan's segments")
-        if (0 if q.up is None else q.up.shape[1]) != lp.rank:
-            problems.append(f"low-rank branch rank {0 if q.up is None else q.up.shape[1]} vs plan {lp.rank}")
-        if (None if q.block_shape is None else list(q.block_shape)) != lp.block_shape:
-            problems.append(f"block shape {q.block_shape} vs plan {lp.block_shape}")
-        if problems:
-            raise ValueError(f"layer {lp.name} does not match the plan: {'; '.join(problems)}")
-    return {lp.name: layers[lp.name] for lp in plan.layers}
+        _refuse_disagreement(f"layer {lp.name}", {
+            "shape": ((q.in_features, q.out_features), (lp.in_features, lp.out_features)),
+            "weight bits": (q.weight_bits, lp.weight_bits),
+            "activation bits": (q.act_bits, lp.act_bits), "activation scales": (_scales(q.act_scales),
+                                                                                 _scales(lp.act_scales)),
+            "step -> segment map": (q.segment_of_step, segment_map),
+            "low-rank rank": (0 if q.up is None else q.up.shape[1], lp.rank),
+            "block shape": (None if q.block_shape is None else list(q.block_shape), lp.block_shape)})
+    return {name: layers[name] for name in planned}
 
 
-def check_softmax_matches(model: torch.nn.Module, plan: BitPlan) -> dict[str, QuantSoftmax]:
-    """The model's quantized softmaxes, in plan order, after checking their bits and scales against the plan."""
+def planned_softmaxes(model: torch.nn.Module, plan: BitPlan) -> dict[str, QuantSoftmax]:
+    """The model's quantized softmaxes in plan order, each checked against the plan."""
     softmaxes = quantized_softmaxes(model)
-    planned = [s.name for s in plan.softmax]
+    planned = [site.name for site in plan.softmax]
     if set(planned) != set(softmaxes):
         raise ValueError(f"plan and model disagree on the quantized softmaxes: plan has {len(planned)}, model "
                          f"{len(softmaxes)}; differing: {sorted(set(planned) ^ set(softmaxes))[:5]}")
-    seg_of_step = plan.segment_of_step()
+    segment_map = plan.segment_of_step()
     for site in plan.softmax:
         q = softmaxes[site.name]
-        if (q.bits != site.bits or len(q.scales) != len(site.scales) or q.segment_of_step != seg_of_step
-                or any(abs(a - b) > 1e-6 * b for a, b in zip(q.scales, site.scales))):
-            raise ValueError(f"softmax {site.name} does not match the plan: bits {q.bits} vs {site.bits}, "
-                             f"scales {q.scales} vs {site.scales}")
+        _refuse_disagreement(f"softmax {site.name}", {
+            "bits": (q.bits, site.bits), "scales": (_scales(q.scales), _scales(site.scales)),
+            "step -> segment map": (q.segment_of_step, segment_map)})
     return {name: softmaxes[name] for name in planned}
 
 
@@ -194,8 +196,8 @@ def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, 
     flavours = Flavour.parse_many(flavour)
     _check_opset(opset)
     check_tile(model.config, tile_latent, text_tokens)
-    layers = check_plan_matches(model, plan)
-    softmaxes = check_softmax_matches(model, plan)
+    layers = planned_layers(model, plan)
+    softmaxes = planned_softmaxes(model, plan)
     if Flavour.TRT in flavours:
         check_trt_weight_layout(layers)
     out_dir = Path(out_dir)
@@ -207,12 +209,11 @@ def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, 
         graphs: dict[tuple[int, str], onnx.ModelProto] = {}
         with WeightStore(staging / WEIGHTS_FILE, external_threshold_bytes) as store:
             store.externalize(base.model)
-            live = {name: layer for name, layer in layers.items() if name in base.input_ranks}
-            specs = {name: prepare_layer(store, name, layer, base.input_ranks[name])
-                     for name, layer in tqdm(live.items(), desc="quantized weights", disable=not progress)}
+            live = [lp for lp in plan.layers if lp.name in base.input_ranks]
+            specs = {lp.name: prepare_layer(store, lp, layers[lp.name], base.input_ranks[lp.name])
+                     for lp in tqdm(live, desc="quantized weights", disable=not progress)}
             factors = HadamardFactors(store)
-            softmax_specs = {site.name: SoftmaxSpec(site.name, site.bits, list(site.scales))
-                             for site in plan.softmax if site.name in base.softmax_sites}
+            softmax_specs = {site.name: site for site in plan.softmax if site.name in base.softmax_sites}
             jobs = [(k, fl) for k in range(len(plan.segments)) for fl in flavours]
             for k, fl in tqdm(jobs, desc="segment graphs", disable=not progress):
                 graphs[k, fl] = rewrite_segment(base.model, specs, k, fl, opset, factors, softmax_specs)

@@ -27,7 +27,7 @@ from matplotlib.patches import Patch
 
 from ..calibration.plan import BitPlan
 from ..calibration.stats import ActivationStats
-from ..fileio import atomic_write
+from ..fileio import atomic_write, atomic_write_text
 
 __all__ = ["FIGURES", "ReportFigure", "write_report", "bit_grid_figure", "act_variance_figure", "weight_bits_figure",
            "comparison_figure", "short_layer_name", "format_value"]
@@ -372,5 +372,5 @@ def write_report(out_dir: str | Path, plan: BitPlan, stats: ActivationStats | No
         produced[key] = build is not None
     text = _markdown(plan, summary, produced)
     report = out / REPORT_FILE
-    atomic_write(report, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(report, text)
     return report

@@ -25,7 +25,7 @@ from ..calibration.api import load_quantized_, quantize_, save_quantized
 from ..calibration.layers import example_inputs, used_linears
 from ..calibration.plan import BitPlan
 from ..calibration.stats import ActivationStats, CalibrationConfig, collect_activation_stats
-from ..fileio import atomic_write
+from ..fileio import atomic_write_text
 from ..models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline
 from .settings import ExportSettings
 
@@ -79,7 +79,7 @@ def prepare_out_dir(out: Path, settings: ExportSettings, model_hash: str, force:
     except OSError as e:
         raise ExportError(f"cannot write into {out}: {e.strerror or e}") from e
     if not resuming:
-        atomic_write(out / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+        atomic_write_text(out / RUN_FILE, json.dumps(record, indent=1) + "\n")
     return resuming
 
 

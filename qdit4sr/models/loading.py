@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, atomic_write_text
 from .transformer import DiT4SRTransformer2DModel
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -113,5 +113,5 @@ def save_transformer(model: DiT4SRTransformer2DModel, path: str | os.PathLike, s
     config["_class_name"] = "DiT4SRTransformer2DModel"
     state = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
-    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     return folder

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write_text
 from .config import TINY_CONFIG
 from .images import TRAIN_PHOTOS, degrade_x4, load_photo, resize_bicubic, to_tensor
 from .latents import PixelUnshuffleCodec
@@ -119,8 +119,8 @@ def train(config: TrainConfig, out: Path) -> DiT4SRTransformer2DModel:
     out.mkdir(parents=True, exist_ok=True)
     save_transformer(ema, out, dtype=torch.float16)
     codec.save(out)
-    atomic_write(out / "pipeline.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(TINY_PIPELINE), indent=2) + "\n"))
+    atomic_write_text(out / "pipeline.json", json.dumps(asdict(TINY_PIPELINE), indent=2) + "\n")
     meta = {"train": asdict(config), "train_photos": list(TRAIN_PHOTOS), "seconds": round(time.time() - t0, 1),
             "final_loss": float(loss.item())}
-    atomic_write(out / "training.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_text(out / "training.json", json.dumps(meta, indent=2) + "\n")
     return ema

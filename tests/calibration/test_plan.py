@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from qdit4sr.calibration.plan import BitPlan, LayerPlan, QDiT4SRConfig
+from qdit4sr.calibration.plan import (METHOD_PRESETS, BitPlan, LayerPlan, QDiT4SRConfig, QuantizationSettings,
+                                     default_rank, step_to_segment)
 
 
 def _plan(segments=((0, 3), (3, 8)), bits=((4, 6), (2, 8))):
@@ -35,6 +36,26 @@ def test_json_round_trip_and_grid():
     assert again.segment_of_step() == [0, 0, 0, 1, 1, 1, 1, 1]
     # Weighted by layer size: 64*64 at 3 bits and 64*128 at 4 bits.
     assert again.mean_weight_bits() == pytest.approx((3 * 1 + 4 * 2) / 3)
+
+
+def test_step_to_segment_map():
+    assert step_to_segment([(0, 1), (1, 4), (4, 6)]) == [0, 1, 1, 1, 2, 2]
+    assert step_to_segment([]) == []
+    plan = _plan(segments=((0, 5), (5, 8)))
+    assert plan.segment_of_step() == step_to_segment(plan.segments) == [0] * 5 + [1] * 3
+
+
+def test_method_presets_and_quantization_settings():
+    assert list(METHOD_PRESETS) == ["qdit4sr", "hsvd_vasmp", "hsvd", "svdquant", "rtn"]
+    assert all(QDiT4SRConfig.preset(m, "w4a4").decomposition == METHOD_PRESETS[m]["decomposition"]
+               for m in METHOD_PRESETS)
+    assert (default_rank(1536), default_rank(128), default_rank(3072)) == (32, 4, 64)
+    settings = QuantizationSettings("w4a6", "hsvd", segments=2)
+    with pytest.raises(ValueError, match="for_width"):
+        settings.config()
+    config = settings.for_width(1536).config(seed=3)
+    assert config == QDiT4SRConfig.preset("hsvd", "w4a6", num_segments=2, rank=32, seed=3)
+    assert QuantizationSettings(rank=8).for_width(1536).rank == 8
 
 
 @pytest.mark.parametrize("edit,match", [

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qdit4sr.artifacts.graph_io import INPUT_NAMES
 from qdit4sr.calibration.api import quantized_layers
 from qdit4sr.calibration.hadamard import apply_hadamard, apply_hadamard_transpose, rotate_weight
+from qdit4sr.calibration.plan import LayerPlan
 from qdit4sr.calibration.qlinear import NO_ACT_QUANT, QuantLinear, segment_scope
 from qdit4sr.calibration.qsoftmax import quantized_softmaxes
 from qdit4sr.calibration.quantizer import WeightQuantConfig, qmax, quantize_weight
@@ -96,7 +97,10 @@ def _single_layer_graph(layer: QuantLinear, rank: int, folder: Path, segment: in
     base = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(PLACEHOLDER_DOMAIN, 1)])
     folder.mkdir(parents=True, exist_ok=True)
     with WeightStore(folder / WEIGHTS_FILE, threshold_bytes=256) as store:
-        spec = prepare_layer(store, name, layer, rank)
+        plan = LayerPlan(name, layer.in_features, layer.out_features, layer.weight_bits, 1.0, list(layer.act_bits),
+                         list(layer.act_scales), 0 if layer.up is None else layer.up.shape[1],
+                         None if layer.block_shape is None else list(layer.block_shape))
+        spec = prepare_layer(store, plan, layer, rank)
         model = rewrite_segment(base, {name: spec}, segment, flavour, 21, HadamardFactors(store))
     path = folder / f"{flavour}_{segment}.onnx"
     onnx.save(model, path)
