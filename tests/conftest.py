@@ -1,30 +1,15 @@
-"""Fixtures shared by the whole suite: tiny model configs, models with random weights, the shipped default."""
+"""Fixtures shared by the whole suite: tiny model configs, models with random weights, the shipped default.
+The helpers behind them live in tests/helpers/."""
 import os
 
 import pytest
 import torch
 
-from qdit4sr.models.config import TINY_CONFIG
 from qdit4sr.models.transformer import DiT4SRTransformer2DModel
+from tests.helpers.micro import MICRO_CONFIG, randomize
 
 # Results must not depend on how many cores the machine has.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-# Smaller than the shipped tiny model so that every test stays fast; same block structure
-# (dual attention first, plain joint attention, the context_pre_only last block).
-MICRO_CONFIG = {**TINY_CONFIG, "num_layers": 3, "dual_attention_layers": [0], "num_attention_heads": 2,
-                "attention_head_dim": 32, "caption_projection_dim": 64, "pos_embed_max_size": 16}
-
-
-def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Random non-zero weights everywhere (the control layers are zero-initialised in real training)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if name.endswith("norm_q.weight")
-                                                                   or "norm_k" in name or "norm_added" in name
-                                                                   else 0.0))
-    return model
 
 
 @pytest.fixture
@@ -37,13 +22,20 @@ def micro_model(micro_config) -> DiT4SRTransformer2DModel:
     return randomize(DiT4SRTransformer2DModel(**micro_config)).eval()
 
 
-def micro_inputs(config: dict, batch: int = 2, size: int = 8, tokens: int = 3, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    c = config["in_channels"]
-    return (torch.randn(batch, c, size, size, generator=gen), torch.randn(batch, c, size, size, generator=gen),
-            torch.randn(batch, tokens, config["joint_attention_dim"], generator=gen),
-            torch.randn(batch, config["pooled_projection_dim"], generator=gen),
-            torch.tensor([900.0, 250.0][:batch]))
+@pytest.fixture
+def engines_folder(tmp_path):
+    """A tiny exported folder with stand-in engine files (tests/helpers/export_folder.py)."""
+    from tests.helpers.export_folder import make_export_folder
+
+    return make_export_folder(tmp_path / "engines", engines=True)
+
+
+@pytest.fixture
+def graphs_folder(tmp_path):
+    """A tiny exported folder with trt graphs and no engines."""
+    from tests.helpers.export_folder import make_export_folder
+
+    return make_export_folder(tmp_path / "graphs")
 
 
 @pytest.fixture(scope="session")

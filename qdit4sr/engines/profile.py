@@ -30,7 +30,6 @@ from typing import Callable, Sequence
 from ..artifacts.flavour import ENGINE_FLAVOUR
 from ..artifacts.manifest import MANIFEST_FILE, Manifest, ManifestError, engine_file_name
 from ..checks import check_int
-from ..plugins import contract
 from .build import DEFAULT_TIMING_CACHE, EngineBuildConfig, InputSpec, network_inputs, optimization_profile_shapes
 
 __all__ = ["TRTEXEC", "ProfileError", "ProfilePlan", "trtexec_shapes", "profile_file_name",
@@ -82,7 +81,9 @@ def trtexec_build_command(graph: str, engine: str, inputs: Sequence[InputSpec], 
 
 def _plugin_nodes(graph: Path) -> tuple[set[str], bool]:
     """(plugin op types in the graph, whether every plugin node asks for the AOT implementation)."""
-    import onnx
+    import onnx  # here, like the contract: `qdit4sr-profile --help` should not load onnx
+
+    from ..plugins import contract
 
     model = onnx.load(str(graph), load_external_data=False)
     ops, all_aot = set(), True
@@ -158,6 +159,8 @@ def plan_profile(folder: str | Path, batch: int | None = None, iterations: int =
         f"no TensorRT engines in {folder} (the manifest lists none); build them first. Build commands, {where}:"])
     ops, all_aot = _plugin_nodes(folder / graphs[0][1])
     if ops:
+        from ..plugins import contract
+
         plan.notes += [
             f"the graphs contain {contract.DOMAIN} plugin nodes ({', '.join(sorted(ops))}): trtexec cannot load "
             f"Python plugins (--dynamicPlugins takes a C++ shared library), so build with the Python builder, "

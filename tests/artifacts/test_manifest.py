@@ -11,8 +11,8 @@ from qdit4sr.artifacts.manifest import (MANIFEST_FILE, MANIFEST_VERSION, PLAN_FI
                                         ManifestError, load_codec_spec)
 from qdit4sr.calibration.plan import BitPlan
 from qdit4sr.models.latents import PixelUnshuffleCodec
-from tests.conftest import MICRO_CONFIG
-from tests.exporter.micro_export import PIPE, TILE, TOKENS, export_micro, quantized_micro
+from tests.helpers.micro import MICRO_CONFIG
+from tests.helpers.micro_export import PIPE, TILE, TOKENS, export_micro, quantized_micro
 
 
 @pytest.fixture(scope="module")

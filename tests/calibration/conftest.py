@@ -6,7 +6,7 @@ from qdit4sr.calibration.stats import CalibrationConfig, collect_activation_stat
 from qdit4sr.models.latents import PixelUnshuffleCodec
 from qdit4sr.models.pipeline import DiT4SRPipeline, PipelineConfig
 from qdit4sr.models.transformer import DiT4SRTransformer2DModel
-from tests.conftest import MICRO_CONFIG, randomize
+from tests.helpers.micro import MICRO_CONFIG, randomize
 
 CALIBRATION_PIPE = PipelineConfig(num_inference_steps=6, shift=1.0, guidance_scale=1.0, tile_size=8, tile_overlap=2,
                                   min_lr_side=4, color_fix="none")

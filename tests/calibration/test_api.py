@@ -5,7 +5,7 @@ from qdit4sr.calibration.api import quantize_, quantized_layers
 from qdit4sr.calibration.plan import BitPlan, QDiT4SRConfig
 from qdit4sr.calibration.qlinear import segment_scope
 from tests.calibration.conftest import fresh_model
-from tests.conftest import micro_inputs
+from tests.helpers.micro import micro_inputs
 
 
 def _output_error(calibrated, qconfig, segment=0):

@@ -17,7 +17,7 @@ from qdit4sr.calibration.qsoftmax import (LogitRecorder, QuantSoftmax, attention
 from qdit4sr.calibration.quantizer import qmax
 from qdit4sr.models.transformer import AttentionCore
 from tests.calibration.conftest import fresh_model
-from tests.conftest import micro_inputs
+from tests.helpers.micro import micro_inputs
 
 
 def _heads(seed: int, tokens: int = 37, dim: int = 32):

@@ -23,7 +23,7 @@ PIPE = PipelineConfig(num_inference_steps=4, shift=1.0, guidance_scale=1.0, tile
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from qdit4sr.models.transformer import DiT4SRTransformer2DModel
-    from tests.conftest import MICRO_CONFIG, randomize
+    from tests.helpers.micro import MICRO_CONFIG, randomize
 
     folder = tmp_path_factory.mktemp("micro_model")
     save_transformer(randomize(DiT4SRTransformer2DModel(**MICRO_CONFIG)).eval(), folder)

@@ -10,8 +10,8 @@ from qdit4sr.calibration.qlinear import segment_scope
 from qdit4sr.engines import runtime
 from qdit4sr.engines.runtime import OrtTransformer, SegmentedRunner, get_backend, load_exported_pipeline
 from qdit4sr.models.step_context import step_scope
-from tests.conftest import MICRO_CONFIG, micro_inputs
-from tests.exporter.micro_export import PIPE, TILE, TOKENS, export_micro, quantized_micro, single_thread
+from tests.helpers.micro import MICRO_CONFIG, micro_inputs
+from tests.helpers.micro_export import PIPE, TILE, TOKENS, export_micro, quantized_micro, single_thread
 
 
 # Median error per call relative to the output scale; float32 reordering gives ~1e-7.

@@ -5,7 +5,7 @@ import torch
 from qdit4sr.exporter.manifest_writer import codec_spec, transformer_hash
 from qdit4sr.models.latents import PixelUnshuffleCodec
 from qdit4sr.models.transformer import DiT4SRTransformer2DModel
-from tests.conftest import MICRO_CONFIG, randomize
+from tests.helpers.micro import MICRO_CONFIG, randomize
 
 
 def test_model_hash_depends_on_weights_and_config():

@@ -9,31 +9,25 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qdit4sr.artifacts.graph_io import INPUT_NAMES
 from qdit4sr.calibration.api import quantized_layers
-from qdit4sr.calibration.hadamard import apply_hadamard, apply_hadamard_transpose, rotate_weight
-from qdit4sr.calibration.plan import LayerPlan
-from qdit4sr.calibration.qlinear import NO_ACT_QUANT, QuantLinear, segment_scope
+from qdit4sr.calibration.hadamard import apply_hadamard
+from qdit4sr.calibration.qlinear import NO_ACT_QUANT, segment_scope
 from qdit4sr.calibration.qsoftmax import quantized_softmaxes
-from qdit4sr.calibration.quantizer import WeightQuantConfig, qmax, quantize_weight
+from qdit4sr.calibration.quantizer import qmax
 from qdit4sr.exporter import graph_checks, onnx_export
-from qdit4sr.exporter.external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE, WeightStore
-from qdit4sr.exporter.graph_rewrite import HadamardFactors, prepare_layer, rewrite_segment
+from qdit4sr.exporter.external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE
 from qdit4sr.exporter.onnx_export import export_segments
-from qdit4sr.exporter.placeholder import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
 from qdit4sr.exporter.trt_lint import lint_model
 from qdit4sr.plugins import contract
-from tests.conftest import MICRO_CONFIG, micro_inputs
-from tests.exporter.micro_export import TILE, TOKENS, quantized_micro, single_thread
+from tests.helpers.micro import MICRO_CONFIG, micro_inputs
+from tests.helpers.micro_export import TILE, TOKENS, ort_session, quantized_micro, single_thread
 
-# Float32 ops in another order: ~1e-7 relative per op. Per layer (inputs kept away from rounding ties)
-# the graph must agree to 1e-5 of the output's scale; see _compare_model for the whole transformer.
-LAYER_RTOL = 1e-5
+# Float32 ops in another order: ~1e-7 relative per op (one layer: tests/exporter/test_graph_rewrite.py).
 MODEL_RTOL = 1e-5
 # A Q/DQ rounding tie (x/s within float error of k + 1/2) may round differently in torch and onnxruntime,
 # moving that activation by one step; its effect through the later layers stays below this.
@@ -45,120 +39,6 @@ TIE_MARGIN = 1e-2  # |frac(x/s) - 1/2| below this (in code units) counts as a ti
 def _one_thread():
     with single_thread():
         yield
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-# ----------------------------------------------------------------------------- one layer
-
-def _quant_layer(out_f, in_f, *, w_bits, group, act_bits, scales, hadamard, rank=0, blocks=None, bias=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=gen) * 0.1
-    residual = quantize_weight(rotate_weight(w) if hadamard else w, WeightQuantConfig(bits=w_bits, group_size=group))
-    branches = {}
-    if rank:
-        branches.update(down=torch.randn(rank, in_f, generator=gen) * 0.1, up=torch.randn(out_f, rank, generator=gen) * 0.1)
-    if blocks:
-        s_o, s_i = blocks
-        p, q = out_f // s_o, in_f // s_i
-        branches.update(block_sigma=torch.rand(p, q, generator=gen) + 0.5, block_u=torch.randn(p, q, s_o, generator=gen) * 0.2,
-                        block_v=torch.randn(p, q, s_i, generator=gen) * 0.2)
-    b = torch.randn(out_f, generator=gen) if bias else None
-    return QuantLinear(residual, b, hadamard=hadamard, act_bits=list(act_bits), act_scales=list(scales),
-                       segment_of_step=list(range(len(act_bits))), **branches)
-
-
-def _tie_free_input(layer: QuantLinear, segment: int, lead: tuple[int, ...], seed: int) -> torch.Tensor:
-    """x whose rotated values sit at least 0.1 step away from every rounding tie of the segment's quantizer."""
-    gen = torch.Generator().manual_seed(seed)
-    bits, s = layer.act_bits[segment], layer.act_scales[segment]
-    if bits >= NO_ACT_QUANT:
-        x_h = torch.randn(*lead, layer.in_features, generator=gen, dtype=torch.float64)
-    else:
-        q = qmax(bits)
-        codes = torch.randint(-q - 2, q + 3, (*lead, layer.in_features), generator=gen)  # some beyond the clip
-        x_h = (codes + (torch.rand(codes.shape, generator=gen, dtype=torch.float64) - 0.5) * 0.8) * s
-    return (apply_hadamard_transpose(x_h) if layer.hadamard else x_h).float()
-
-
-def _single_layer_graph(layer: QuantLinear, rank: int, folder: Path, segment: int, flavour: str) -> Path:
-    """The rewrite of a graph holding nothing but one placeholder."""
-    name = "layer"
-    dims = ["batch", 5][: rank - 1] + [layer.in_features]
-    graph = helper.make_graph(
-        [helper.make_node(PLACEHOLDER_OP, ["x"], ["y"], domain=PLACEHOLDER_DOMAIN, layer=name)], "one",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    base = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(PLACEHOLDER_DOMAIN, 1)])
-    folder.mkdir(parents=True, exist_ok=True)
-    with WeightStore(folder / WEIGHTS_FILE, threshold_bytes=256) as store:
-        plan = LayerPlan(name, layer.in_features, layer.out_features, layer.weight_bits, 1.0, list(layer.act_bits),
-                         list(layer.act_scales), 0 if layer.up is None else layer.up.shape[1],
-                         None if layer.block_shape is None else list(layer.block_shape))
-        spec = prepare_layer(store, plan, layer, rank)
-        model = rewrite_segment(base, {name: spec}, segment, flavour, 21, HadamardFactors(store))
-    path = folder / f"{flavour}_{segment}.onnx"
-    onnx.save(model, path)
-    return path
-
-
-LAYER_CASES = {
-    # INT4 groups of 64, A4 then A6, Hadamard 2^7, low-rank and block rank-1 branches, rank-3 input
-    "w4g64_a4a6_hsvd": dict(shape=(96, 128), input_rank=3, w_bits=4, group=64, act_bits=(4, 6), scales=(0.3, 0.05),
-                            hadamard=True, rank=8, blocks=(32, 32)),
-    # INT8 container for 6-bit per-channel codes, A8, Paley x Sylvester Hadamard (96 = 12 * 8), rank-2 input
-    "w6perchannel_a8_svd_paley": dict(shape=(64, 96), input_rank=2, w_bits=6, group=None, act_bits=(8,),
-                                      scales=(0.02,), hadamard=True, rank=4),
-    # 3-bit codes in INT4, no rotation, A16 (no Q/DQ) then A2, blocks only, no bias
-    "w3_a16a2_blocks_nobias": dict(shape=(48, 64), input_rank=3, w_bits=3, group=64, act_bits=(16, 2),
-                                   scales=(1.0, 0.4), hadamard=False, blocks=(16, 16), bias=False),
-}
-
-
-@pytest.mark.parametrize("case", sorted(LAYER_CASES))
-def test_one_layer_matches_quantlinear(case, tmp_path):
-    c = dict(LAYER_CASES[case])
-    out_f, in_f = c.pop("shape")
-    rank = c.pop("input_rank")
-    layer = _quant_layer(out_f, in_f, **c)
-    lead = (3, 5)[: rank - 1]
-    for k in range(len(layer.act_bits)):
-        path = _single_layer_graph(layer, rank, tmp_path / case, k, "portable")
-        x = _tie_free_input(layer, k, lead, seed=k)
-        with torch.no_grad(), segment_scope(k):
-            ref = layer(x).numpy()
-        got = _session(path).run(None, {"x": x.numpy()})[0]
-        scale = float(np.abs(ref).max())
-        assert got.shape == ref.shape
-        err = float(np.abs(got - ref).max())
-        assert err <= LAYER_RTOL * scale, (case, k, err / scale)
-        # The check can fail: another segment's settings (or a missing branch) are far outside the tolerance.
-        with torch.no_grad(), segment_scope(len(layer.act_bits) - 1 - k):
-            other = layer(x).numpy()
-        if len(layer.act_bits) > 1:
-            assert np.abs(other - ref).max() > 100 * LAYER_RTOL * scale
-        assert np.abs(got - (ref - layer.branch(apply_hadamard(x) if layer.hadamard else x).numpy())).max() \
-            > 100 * LAYER_RTOL * scale
-
-
-def test_one_layer_trt_flavour_uses_the_plugin_contract(tmp_path):
-    c = dict(LAYER_CASES["w4g64_a4a6_hsvd"])
-    out_f, in_f = c.pop("shape")
-    rank = c.pop("input_rank")
-    path = _single_layer_graph(_quant_layer(out_f, in_f, **c), rank, tmp_path, 0, "trt")
-    assert lint_model(path) == []
-    model = onnx.load(path, load_external_data=False)
-    plugins = {n.op_type: n for n in model.graph.node if n.domain == contract.DOMAIN}
-    assert set(plugins) == {"LowRankBranch", "BlockRank1Branch"}
-    attrs = {a.name: helper.get_attribute_value(a) for a in plugins["BlockRank1Branch"].attribute}
-    assert attrs["block_out"] == 32 and attrs["block_in"] == 32 and attrs["aot"] == 1
-    assert attrs["in_features"] == in_f and attrs["out_features"] == out_f
-    assert any(o.domain == contract.DOMAIN for o in model.opset_import)
 
 
 # ----------------------------------------------------------------------------- whole transformer
@@ -249,7 +129,7 @@ def _compare_model(q, path: Path, segment: int, batch: int, dead: list[str]) -> 
     ref, torch_codes = _torch_codes(q.model, inputs, segment)
     probe = _graph_with_code_outputs(path)
     try:
-        session = _session(probe)
+        session = ort_session(probe)
     finally:
         probe.unlink()
     names = [o.name for o in session.get_outputs()]
@@ -462,20 +342,6 @@ def test_shared_weights_file_is_written_once(exported):
     codes = sum(int({e.key: e.value for e in t.external_data}["length"])
                 for n, t in _initializers(graphs[0]).items() if n.endswith(".qweight"))
     assert codes < fp32 / 5
-
-
-def test_weight_store_dedupes_by_content(tmp_path):
-    with WeightStore(tmp_path / WEIGHTS_FILE, threshold_bytes=64) as store:
-        a = store.array("a", np.arange(100, dtype=np.float32))
-        b = store.array("b", np.arange(100, dtype=np.float32).reshape(10, 10))  # same bytes, other shape
-        c = store.array("c", np.arange(100, dtype=np.int32))                    # other bytes
-        small = store.array("s", np.ones(3, dtype=np.float32))
-    where = {t.name: {e.key: e.value for e in t.external_data} for t in (a, b, c)}
-    assert where["a"]["offset"] == where["b"]["offset"] != where["c"]["offset"]
-    assert int(where["c"]["offset"]) % 64 == 0
-    assert small.data_location != TensorProto.EXTERNAL and len(small.raw_data) == 12
-    assert (tmp_path / WEIGHTS_FILE).stat().st_size == int(where["c"]["offset"]) + 400
-    assert store.requested_bytes == 1200 and store.num_blobs == 2
 
 
 # ----------------------------------------------------------------------------- validation

@@ -6,10 +6,8 @@ from typing import Callable
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qdit4sr.cli.lint import lint_trt_command
 from qdit4sr.exporter.trt_lint import Violation, format_violations, lint_model
 from qdit4sr.plugins import contract
 
@@ -300,98 +298,3 @@ def test_lints_a_file_without_reading_its_external_data(tmp_path):
 def test_format_violations_one_line_each():
     text = format_violations([Violation("opset", "g", "too old;\nupgrade"), Violation("zero-point", "n", "x")])
     assert text.splitlines() == ["opset: g: too old; upgrade", "zero-point: n: x"]
-
-
-# ----------------------------------------------------------------------------- the plugin contract
-
-def test_plugin_ops_describe_the_branches():
-    low, block = contract.PLUGIN_OPS["LowRankBranch"], contract.PLUGIN_OPS["BlockRank1Branch"]
-    assert [(t.name, t.rank) for t in low.inputs] == [("x", None), ("down", 2), ("up", 2)]
-    assert [(t.name, t.rank) for t in block.inputs] == [("x", None), ("sigma", 2), ("u", 3), ("v", 3)]
-    assert low.constant_inputs == (1, 2) and block.constant_inputs == (1, 2, 3)
-    assert {a.name for a in block.attributes} >= {"block_out", "block_in", "in_features", "out_features",
-                                                  "plugin_namespace", "plugin_version"}
-    assert not low.attribute(contract.TRT_FLAVOUR_AOT_ATTRIBUTE).required
-
-
-def _plugin_node(**overrides) -> onnx.NodeProto:
-    node = _node(clean_model(), "lowrank")
-    for name, value in overrides.items():
-        if value is None:
-            _del_attr(node, name)
-        else:
-            _set_attr(node, name, value)
-    return node
-
-
-SHAPES = {"x": (None, T, K), "lr_down": (RANK, K), "lr_up": (N, RANK)}
-
-
-@pytest.mark.parametrize("overrides, fragment", [
-    ({"rank": "8"}, "'rank' must be int"),
-    ({"plugin_version": "2"}, "'plugin_version' is '2'"),
-    ({"plugin_namespace": None}, "missing string attribute 'plugin_namespace'"),
-    ({"extra": 1}, "'extra' is not part of"),
-    ({"aot": 2}, "'aot' is 2"),
-    ({"in_features": 96}, "in_features=96"),
-    ({"out_features": 0}, "positive size"),
-])
-def test_check_plugin_node_reports(overrides, fragment):
-    problems = contract.check_plugin_node(_plugin_node(**overrides), SHAPES)
-    assert len(problems) == 1 and fragment in problems[0], problems
-
-
-def test_check_plugin_node_accepts_conforming_nodes():
-    assert contract.check_plugin_node(_plugin_node(), SHAPES) == []
-    assert contract.check_plugin_node(_plugin_node(aot=1), SHAPES) == []
-    assert contract.check_plugin_node(_plugin_node()) == []  # no shapes: attributes only
-
-
-def test_check_plugin_node_input_count_and_shapes():
-    node = _plugin_node()
-    del node.input[2]
-    assert any("expects 3 inputs" in p for p in contract.check_plugin_node(node))
-    bad_up = {**SHAPES, "lr_up": (N, RANK, 1)}
-    assert any("rank 2" in p for p in contract.check_plugin_node(_plugin_node(), bad_up))
-
-
-def test_check_plugin_node_block_products():
-    node = _node(clean_model(), "blockrank1")
-    _set_attr(node, "out_features", N + S_O)
-    shapes = {"br_sigma": (P, Q), "br_u": (P, Q, S_O), "br_v": (P, Q, S_I)}
-    (problem,) = contract.check_plugin_node(node, shapes)
-    assert "N=80 must equal P * s_o = 4 * 16" in problem
-
-
-# ----------------------------------------------------------------------------- the command
-
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-def test_cli_clean_model_exits_0(runner, tmp_path):
-    path = tmp_path / "clean.onnx"
-    onnx.save_model(clean_model(), path)
-    result = runner.invoke(lint_trt_command, [str(path)])
-    assert result.exit_code == 0, result.output
-    assert f"no TensorRT lint violations in {path}" in result.output
-
-
-def test_cli_violations_exit_1(runner, tmp_path):
-    path = tmp_path / "bad.onnx"
-    onnx.save_model(planted("plugin-missing-namespace"), path)
-    result = runner.invoke(lint_trt_command, [str(path)])
-    assert result.exit_code == 1
-    assert result.output.splitlines()[0].startswith("plugin-attributes: lowrank: LowRankBranch: missing")
-    assert "1 TensorRT lint violation(s)" in result.output
-
-
-@pytest.mark.parametrize("content", [None, b"this is not a protobuf \xff\xfe", b""])
-def test_cli_unreadable_model_exits_2(runner, tmp_path, content):
-    path = tmp_path / "model.onnx"
-    if content is not None:
-        path.write_bytes(content)
-    result = runner.invoke(lint_trt_command, [str(path)])
-    assert result.exit_code == 2
-    assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("error:")

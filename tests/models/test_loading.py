@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qdit4sr.models.loading import CheckpointError, load_transformer, save_transformer
-from tests.conftest import micro_inputs
+from tests.helpers.micro import micro_inputs
 
 
 def test_round_trip_gives_identical_outputs(tmp_path, micro_model, micro_config):

@@ -3,7 +3,7 @@ import torch
 
 from qdit4sr.models.config import DIT4SR_CONFIG
 from qdit4sr.models.transformer import DiT4SRTransformer2DModel
-from tests.conftest import micro_inputs, randomize
+from tests.helpers.micro import micro_inputs, randomize
 
 
 def test_forward_matches_float64_reference(micro_model, micro_config):

@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnxruntime
 import torch
 
 from qdit4sr.artifacts.manifest import Manifest
@@ -18,7 +19,7 @@ from qdit4sr.exporter.onnx_export import SegmentExport, export_segments
 from qdit4sr.models.latents import PixelUnshuffleCodec
 from qdit4sr.models.pipeline import DiT4SRPipeline, PipelineConfig, PromptEmbeddings
 from qdit4sr.models.transformer import DiT4SRTransformer2DModel
-from tests.conftest import MICRO_CONFIG, randomize
+from tests.helpers.micro import MICRO_CONFIG, randomize
 
 TILE, TOKENS = 8, 3
 PIPE = PipelineConfig(num_inference_steps=4, shift=1.0, guidance_scale=1.0, tile_size=TILE, tile_overlap=2,
@@ -34,6 +35,14 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def ort_session(path: Path) -> onnxruntime.InferenceSession:
+    """One-thread CPU session at ORT_ENABLE_BASIC: computes exactly what the graph says."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.intra_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 @dataclass

@@ -1,0 +1,20 @@
+"""Every ```python block of the README runs (in a scratch folder), so its examples cannot rot."""
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+EXAMPLES = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.M | re.S)
+
+
+def test_the_readme_has_python_examples():
+    assert EXAMPLES
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(EXAMPLES)))
+def test_readme_example_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = compile(EXAMPLES[index], f"README.md python example {index + 1}", "exec")
+    exec(code, {"__name__": f"readme_example_{index + 1}"})
