@@ -102,13 +102,18 @@ class SegmentedRunner:
     """Loads a validated exported folder and runs the segment that owns each sampler step."""
 
     def __init__(self, folder: str | Path, flavour: Flavour | str = Flavour.PORTABLE,
-                 providers: list[str] | None = None, check_hashes: bool = True, **backend_options):
+                 providers: list[str] | None = None, check_hashes: bool = True, *,
+                 manifest: Manifest | None = None, backend: SegmentBackend | None = None, **backend_options):
         self.folder = Path(folder)
-        self.manifest = Manifest.load(self.folder, check_hashes=check_hashes)
-        factory = get_backend(flavour)
-        if providers is not None:
-            backend_options["providers"] = providers
-        self.backend: SegmentBackend = factory(self.manifest, self.folder, **backend_options)
+        # A caller that validated the manifest its own way and runs the segments elsewhere (a serving
+        # model whose graphs live in other models) passes both in; otherwise the folder is validated
+        # against its manifest and the flavour's backend is built here.
+        self.manifest = manifest if manifest is not None else Manifest.load(self.folder, check_hashes=check_hashes)
+        if backend is None:
+            if providers is not None:
+                backend_options["providers"] = providers
+            backend = get_backend(flavour)(self.manifest, self.folder, **backend_options)
+        self.backend: SegmentBackend = backend
         self.input_names = [t.name for t in self.manifest.inputs]
 
     @property
