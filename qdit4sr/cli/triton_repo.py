@@ -1,20 +1,18 @@
 """`qdit4sr-triton-repo ENGINES_DIR --out MODEL_REPO`: a Triton model repository from an exported folder."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from ..serving.triton_repo import FILE_MODES, SEGMENT_FORMS
+from .common import CONTEXT_SETTINGS, fail, first_line
+
+# The choices, spelled here so `--help` does not import the library (see cli/__init__.py).
+SEGMENT_FORMS = ("python", "onnxruntime", "tensorrt_plan")
+FILE_MODES = ("copy", "hardlink", "symlink")
 
 
-def _fail(message: str, code: int = 2):
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("engines_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Model repository folder to write (tritonserver --model-repository).")
@@ -46,11 +44,11 @@ def _fail(message: str, code: int = 2):
 def triton_repo_command(engines_dir, out, segment_form, prefix, max_batch_size, max_queue_delay_us, segment_instances,
                         upscale_instances, instance_kind, intra_op_threads, torch_threads, files, python_path, force):
     """Write a Triton Inference Server model repository for the exported folder ENGINES_DIR."""
-    from ..engines.manifest import ManifestError
+    from ..artifacts.manifest import ManifestError
     from ..serving.triton_repo import RepositoryError, RepositorySettings, write_model_repository
 
     if not engines_dir.is_dir():
-        _fail(f"{engines_dir} is not a folder")
+        fail(f"{engines_dir} is not a folder")
     try:
         settings = RepositorySettings(segment_form=segment_form, prefix=prefix, max_batch_size=max_batch_size,
                                       max_queue_delay_us=max_queue_delay_us, segment_instances=segment_instances,
@@ -59,9 +57,9 @@ def triton_repo_command(engines_dir, out, segment_form, prefix, max_batch_size, 
                                       python_path=python_path)
         repo = write_model_repository(engines_dir, out, settings, force=force)
     except KeyboardInterrupt:
-        _fail("interrupted; nothing was written", 130)
+        fail("interrupted; nothing was written", 130)
     except (ManifestError, RepositoryError, ValueError, OSError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(first_line(e))
     click.echo(f"wrote {repo.root}: {repo.upscale_model} (BLS sampler) + {len(repo.segment_models)} "
                f"{segment_form} segment models, max_batch_size {repo.max_batch_size}")
     click.echo(f"serve:  tritonserver --model-repository {repo.root}")

@@ -50,7 +50,7 @@ def load_serving_manifest(folder: str | Path):
     not apply here: the bit plan and prompt embeddings are checked (size and sha256), and the sampler
     settings and segment layout are validated.
     """
-    from ..engines.manifest import MANIFEST_FILE, Manifest, ManifestError
+    from ..artifacts.manifest import MANIFEST_FILE, Manifest, ManifestError
 
     folder = Path(folder)
     path = folder / MANIFEST_FILE

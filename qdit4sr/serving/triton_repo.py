@@ -26,14 +26,15 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..engines.manifest import MANIFEST_FILE, FileRef, Manifest, ManifestError
-from ..models.loading import atomic_write
+from ..artifacts.flavour import Flavour
+from ..artifacts.manifest import MANIFEST_FILE, FileRef, Manifest, ManifestError
+from ..fileio import atomic_write
 from . import layout
 from .model_config import TRITON_DTYPES, Enum, check_model_config, parameters, render
 
 SEGMENT_FORMS = ("python", "onnxruntime", "tensorrt_plan")
 FILE_MODES = ("copy", "hardlink", "symlink")
-PORTABLE = "portable"
+PORTABLE = Flavour.PORTABLE   # the python and onnxruntime forms run the standard-ops graphs
 _CHUNK = 1 << 22
 
 

@@ -18,7 +18,7 @@ def export_default_tiny(folder):
     from qdit4sr.calibration.layers import example_inputs, used_linears
     from qdit4sr.calibration.plan import QDiT4SRConfig
     from qdit4sr.calibration.stats import CalibrationConfig, collect_activation_stats
-    from qdit4sr.engines.manifest import build_manifest, transformer_hash
+    from qdit4sr.exporter.manifest_writer import build_manifest, transformer_hash
     from qdit4sr.exporter.onnx_export import export_segments
     from qdit4sr.models.pipeline import load_default_pipeline
 

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from qdit4sr.cli.triton_repo import triton_repo_command
-from qdit4sr.engines.manifest import Manifest, ManifestError
-from qdit4sr.exporter.external_data import sha256_file
+from qdit4sr.artifacts.manifest import Manifest, ManifestError
+from qdit4sr.fileio import sha256_file
 from qdit4sr.serving import layout
 from qdit4sr.serving.model_config import ModelConfigError, check_model_config, parse_text_format
 from qdit4sr.serving.triton_repo import RepositoryError, RepositorySettings, write_model_repository
@@ -190,6 +190,10 @@ def test_settings_are_checked(tiny_export, tmp_path):
 
 
 def test_command_line(tiny_export, tmp_path):
+    from qdit4sr.cli import triton_repo as cli
+    from qdit4sr.serving import triton_repo as lib
+
+    assert (cli.SEGMENT_FORMS, cli.FILE_MODES) == (lib.SEGMENT_FORMS, lib.FILE_MODES)   # spelled twice for a fast --help
     out = tmp_path / "repo"
     result = CliRunner().invoke(triton_repo_command, [str(tiny_export), "--out", str(out), "--segment-form",
                                                       "onnxruntime", "--python-path", ""])
