@@ -75,6 +75,19 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
+
+
 class LocalTritonServer:
     """tritonserver serving `model_repository` on 127.0.0.1; `start()` returns once every model is ready."""
 
@@ -125,9 +138,14 @@ class LocalTritonServer:
                 "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
                 "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port), "--allow-metrics", "false",
                 "--exit-timeout-secs", str(self.exit_timeout), "--log-verbose", "0",
-                # Unique shared-memory names: several servers (other test runs) may share this machine.
-                "--backend-config", f"python,shm-region-prefix-name=qdit4sr_{os.getpid()}_{self.http_port}_",
+                # Unique shared-memory names: several servers (other test runs) may share this machine,
+                # and stop() removes what a killed Python-backend stub leaves in /dev/shm.
+                "--backend-config", f"python,shm-region-prefix-name={self.shm_prefix}",
                 *self.extra_args]
+
+    @property
+    def shm_prefix(self) -> str:
+        return f"qdit4sr_{os.getpid()}_{self.http_port}_"
 
     def start(self) -> "LocalTritonServer":
         inst = self.installation or find_bundled_tritonserver()
@@ -171,21 +189,33 @@ class LocalTritonServer:
                 process.wait(timeout=self.exit_timeout + 15)
             except subprocess.TimeoutExpired:
                 pass
-        # The Python backend stubs are the server's children, in the session started for it.
+        # The Python backend stubs are the server's children, in the process group started for it.
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         try:
-            return process.wait(timeout=10)
+            code = process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            return None
+            code = None
+        deadline = time.monotonic() + 10
+        while group_members(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
+        return code
 
     def log_tail(self, chars: int = 4000) -> str:
+        """The server's error lines ("E..." and "error: ..."), else the end of its log."""
         try:
-            return self.log_path.read_text(errors="replace")[-chars:]
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+        errors = [line for line in text.splitlines() if (line[:1] == "E" and line[1:5].isdigit())
+                  or line.startswith("error:")]
+        # Triton reports it whenever no GPU is present; not the reason anything failed.
+        errors = [line for line in errors if "CudaDriverHelper" not in line]
+        return "\n".join(errors)[-chars:] if errors else text[-chars:]
 
     def __enter__(self) -> "LocalTritonServer":
         return self.start()
