@@ -56,7 +56,9 @@ def images(count: int, size: int) -> list[tuple[np.ndarray, int]]:
 
 
 def closed_loop(call, jobs: list, clients: int) -> tuple[float, list[float], list]:
-    """Run jobs over `clients` threads, each sending its next job when the last returns: (wall s, latencies, results)."""
+    """Run jobs over `clients` threads, each sending its next job when the last returns.
+
+    Returns (wall seconds, per-job latencies, per-job results)."""
     latencies = [0.0] * len(jobs)
     results = [None] * len(jobs)
     errors = []

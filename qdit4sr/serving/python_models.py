@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .layout import EXPORT_SUBDIR, per_item_scalar
+from . import layout
 
 BLS_BACKEND = "triton_bls"
 
@@ -76,7 +76,7 @@ class SegmentModel:
         # ORT_ENABLE_BASIC, as the in-process runtime: the extended levels fuse Q/DQ into integer
         # kernels that can be inexact on CPUs without VNNI.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        threads = int(params.get("intra_op_num_threads") or 0)
+        threads = int(params.get(layout.PARAM_INTRA_OP_THREADS) or 0)
         if threads:
             options.intra_op_num_threads = threads
         providers: list = ["CPUExecutionProvider"]
@@ -114,7 +114,7 @@ class TritonSegmentBackend:
         self.models = list(models)
         self.pb_utils = pb_utils
         self.output_name = manifest.outputs[0].name
-        self.per_item = {spec.name for spec in manifest.inputs if per_item_scalar(spec)}
+        self.per_item = {spec.name for spec in manifest.inputs if layout.per_item_scalar(spec)}
 
     def run(self, segment_index: int, feeds: dict[str, np.ndarray]) -> np.ndarray:
         pb = self.pb_utils
@@ -141,22 +141,19 @@ class UpscaleModel:
         import torch
 
         from ..engines.runtime import load_exported_pipeline
-        from .layout import load_serving_manifest
 
         self.pb_utils = _pb_utils()
         config = json.loads(args["model_config"])
         params = _parameters(config)
-        threads = int(params.get("torch_threads") or 0)
+        threads = int(params.get(layout.PARAM_TORCH_THREADS) or 0)
         if threads:
             torch.set_num_threads(threads)
-        folder = Path(args["model_repository"]) / args["model_version"] / EXPORT_SUBDIR
-        manifest = load_serving_manifest(folder)
+        folder = Path(args["model_repository"]) / args["model_version"] / layout.EXPORT_SUBDIR
+        manifest = layout.load_serving_manifest(folder)
         _register_backend()
-        self.pipeline = load_exported_pipeline(folder, backend=BLS_BACKEND, manifest=manifest,
-                                               models=params["segment_models"].split(","), pb_utils=self.pb_utils)
-        self.image_name = config["input"][0]["name"]
-        self.seed_name = config["input"][1]["name"]
-        self.output_name = config["output"][0]["name"]
+        models = params[layout.PARAM_SEGMENT_MODELS].split(",")
+        self.pipeline = load_exported_pipeline(folder, backend=BLS_BACKEND, manifest=manifest, models=models,
+                                               pb_utils=self.pb_utils)
 
     def upscale(self, image: np.ndarray, seed: np.ndarray) -> np.ndarray:
         if seed.size != 1:
@@ -168,9 +165,9 @@ class UpscaleModel:
         responses = []
         for request in requests:
             try:
-                image = to_numpy(pb.get_input_tensor_by_name(request, self.image_name))
-                seed = to_numpy(pb.get_input_tensor_by_name(request, self.seed_name))
-                responses.append(pb.InferenceResponse([to_backend_tensor(pb, self.output_name,
+                image = to_numpy(pb.get_input_tensor_by_name(request, layout.IMAGE_INPUT))
+                seed = to_numpy(pb.get_input_tensor_by_name(request, layout.SEED_INPUT))
+                responses.append(pb.InferenceResponse([to_backend_tensor(pb, layout.IMAGE_OUTPUT,
                                                                          self.upscale(image, seed))]))
             except Exception as e:  # noqa: BLE001  (a bad request gets an error response; the model keeps serving)
                 responses.append(error_response(pb, e))
