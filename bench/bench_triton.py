@@ -40,7 +40,7 @@ CONCURRENCY = (1, 4, 8)
 def export_tiny(folder: Path) -> None:
     from qdit4sr.cli.export import export_command
 
-    export_command.main(["--precision", "w4a4", "--out", str(folder), "--backend", "onnx", "--segments", "2",
+    export_command.main(["--precision", "w4a4", "--out", str(folder), "--flavour", "portable", "--segments", "2",
                          "--calib-count", "4"], standalone_mode=False)
 
 

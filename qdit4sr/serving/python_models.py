@@ -25,8 +25,6 @@ import numpy as np
 
 from . import layout
 
-BLS_BACKEND = "triton_bls"
-
 
 def _pb_utils():
     import triton_python_backend_utils as pb_utils
@@ -108,7 +106,7 @@ class SegmentModel:
 class TritonSegmentBackend:
     """A runtime segment backend (see `qdit4sr.engines.runtime`) whose segments are Triton models."""
 
-    def __init__(self, manifest, folder: Path, models: list[str], pb_utils):
+    def __init__(self, manifest, models: list[str], pb_utils):
         if len(models) != len(manifest.segments):
             raise ValueError(f"{len(models)} segment models for {len(manifest.segments)} segments")
         self.models = list(models)
@@ -128,12 +126,6 @@ class TritonSegmentBackend:
         return to_numpy(pb.get_output_tensor_by_name(response, self.output_name))
 
 
-def _register_backend() -> None:
-    from ..engines.runtime import register_backend
-
-    register_backend(BLS_BACKEND, TritonSegmentBackend)
-
-
 class UpscaleModel:
     """RGB uint8 image [H, W, 3] + seed -> the x4 image, the sampler here and the transformer in the segment models."""
 
@@ -150,10 +142,8 @@ class UpscaleModel:
             torch.set_num_threads(threads)
         folder = Path(args["model_repository"]) / args["model_version"] / layout.EXPORT_SUBDIR
         manifest = layout.load_serving_manifest(folder)
-        _register_backend()
-        models = params[layout.PARAM_SEGMENT_MODELS].split(",")
-        self.pipeline = load_exported_pipeline(folder, backend=BLS_BACKEND, manifest=manifest, models=models,
-                                               pb_utils=self.pb_utils)
+        backend = TritonSegmentBackend(manifest, params[layout.PARAM_SEGMENT_MODELS].split(","), self.pb_utils)
+        self.pipeline = load_exported_pipeline(folder, manifest=manifest, backend=backend)
 
     def upscale(self, image: np.ndarray, seed: np.ndarray) -> np.ndarray:
         if seed.size != 1:

@@ -112,3 +112,23 @@ def test_backend_registry(exported, monkeypatch):
         get_backend("nope")
     with pytest.raises(ValueError, match="no 'trt' graphs"):
         runtime.OrtBackend(runner.manifest, folder, flavour="trt")
+
+
+def test_runner_takes_a_validated_manifest_and_a_ready_backend(exported):
+    """How a serving model runs the sampler with segments that live elsewhere: nothing is loaded from
+    the folder, and each call goes to the given backend with the segment of its step."""
+    from qdit4sr.artifacts.manifest import Manifest
+
+    _, folder = exported
+    manifest = Manifest.load(folder)
+    calls = []
+
+    class Recording:
+        def run(self, segment_index, feeds):
+            calls.append((segment_index, list(feeds), feeds["hidden_states"].dtype))
+            return np.zeros_like(feeds["hidden_states"])
+
+    runner = SegmentedRunner(folder / "graphs-live-elsewhere", manifest=manifest, backend=Recording())
+    inputs = micro_inputs(MICRO_CONFIG, batch=2, size=TILE, tokens=TOKENS, seed=5)
+    assert runner.run(3, *inputs).shape == (2, MICRO_CONFIG["in_channels"], TILE, TILE)
+    assert calls == [(manifest.segment_of_step(3), [t.name for t in manifest.inputs], np.float32)]

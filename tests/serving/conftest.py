@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from tests.exporter.micro_export import single_thread
+from tests.helpers.micro_export import single_thread
 
 SEED_IMAGE = 3
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qdit4sr.models.images import load_photo
-from tests.exporter.micro_export import single_thread
+from tests.helpers.micro_export import single_thread
 
 http = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (pip install '.[serve]')")
 grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install '.[serve]')")
