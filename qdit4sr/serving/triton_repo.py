@@ -8,7 +8,7 @@ Everything comes from `manifest.json`: one model per timestep segment in one of 
 * "python":        Python backend running the portable graph with onnxruntime (runs on any Triton
                    with the Python backend; the form tested here),
 * "onnxruntime":   Triton's onnxruntime backend on the portable graph (CPU or CUDA),
-* "tensorrt_plan": the segment's TensorRT engine (`qdit4sr-export --backend trt` on a GPU machine),
+* "tensorrt_plan": the segment's TensorRT engine (`qdit4sr-export --flavour trt` on a GPU machine),
 
 with explicit dims and dtypes, an instance group and dynamic batching (the tiles of concurrent
 requests run as one batch), plus the `<prefix>_upscale` model: the sampler (codec, Euler loop, CFG,
@@ -222,8 +222,8 @@ def _segment_files(manifest: Manifest, seg, form: str) -> list[tuple[FileRef, st
     """(file in the export, name in the version folder, what it is) for one segment model."""
     if form == "tensorrt_plan":
         if seg.engine is None:
-            raise RepositoryError(f"segment {seg.index} has no TensorRT engine in the manifest; build the engines "
-                                  f"(qdit4sr-export --backend trt on a GPU machine) or use another --segment-form")
+            raise RepositoryError(f"segment {seg.index} has no TensorRT engine in the manifest; build the engines on "
+                                  f"a GPU machine (qdit4sr-build-engines) or use another --segment-form")
         return [(seg.engine, layout.PLAN_FILE, f"segment {seg.index} engine")]
     if PORTABLE not in seg.graphs:
         raise RepositoryError(f"segment {seg.index} has no portable graph (flavours {sorted(seg.graphs)}); "
