@@ -34,8 +34,8 @@ IMAGES = {"8x8 (1 tile)": (slice(100, 108), slice(200, 208)),
 
 
 def make_export(out: Path) -> Path:
-    from qdit4sr.engines.manifest import transformer_hash
-    from qdit4sr.exporter.cli import default_rank
+    from qdit4sr.calibration.plan import default_rank
+    from qdit4sr.exporter.manifest_writer import transformer_hash
     from qdit4sr.exporter.stages import ExportSettings, StageLog, calibrate, export, load_pipeline, quantize
 
     settings = ExportSettings(precision="w4a4", segments=4, calib_count=2, backend="onnx")

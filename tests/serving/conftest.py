@@ -83,8 +83,8 @@ def tiny_export(tmp_path_factory) -> Path:
 
     Made with the export stages the CLI runs (2 calibration crops, no report) to stay fast.
     """
-    from qdit4sr.engines.manifest import transformer_hash
-    from qdit4sr.exporter.cli import default_rank
+    from qdit4sr.calibration.plan import default_rank
+    from qdit4sr.exporter.manifest_writer import transformer_hash
     from qdit4sr.exporter.stages import ExportSettings, StageLog, calibrate, export, load_pipeline, quantize
 
     out = tmp_path_factory.mktemp("tiny_w4a4") / "engines"

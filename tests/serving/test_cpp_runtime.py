@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from qdit4sr.engines.manifest import FileRef
+from qdit4sr.artifacts.manifest import FileRef
 from qdit4sr.engines.runtime import load_exported_pipeline
 from qdit4sr.models.images import load_photo
 

@@ -88,7 +88,7 @@ class TrtBackend : public SegmentBackend {
     }
     if (!missing.empty()) {
       throw Error("segments [" + missing + "] have no TensorRT engine; build them on the serving GPU with "
-                  "python -m qdit4sr.engines.build FOLDER");
+                  "qdit4sr-build-engines FOLDER");
     }
     check_cuda(cudaSetDevice(device_), "cudaSetDevice");
     runtime_.reset(nvinfer1::createInferRuntime(logger_));

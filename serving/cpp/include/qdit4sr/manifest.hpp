@@ -1,6 +1,6 @@
 // manifest.json of an exported Q-DiT4SR folder: parsed, validated against the files beside it.
 //
-// Mirrors qdit4sr/engines/manifest.py (version 1): the same checks, the same one-line messages.
+// Mirrors qdit4sr/artifacts/manifest.py (version 1): the same checks, the same one-line messages.
 #pragma once
 
 #include <cstdint>
