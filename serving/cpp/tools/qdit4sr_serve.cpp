@@ -75,8 +75,15 @@ Args parse(int argc, char** argv) {
       a.outputs.push_back(value());
     } else if (flag == "--seed") {
       const std::string v = value();
-      // Negative seeds wrap modulo 2^64, as qdit4sr.noise does.
-      a.seed = static_cast<std::uint64_t>(parse_int("--seed", v, std::numeric_limits<long long>::min()));
+      // Any integer from -2^63 to 2^64 - 1; negative seeds wrap modulo 2^64, as qdit4sr.noise does.
+      char* end = nullptr;
+      errno = 0;
+      const unsigned long long u = std::strtoull(v.c_str(), &end, 10);
+      if (!v.empty() && v[0] != '-' && !errno && end != v.c_str() && *end == '\0') {
+        a.seed = u;
+      } else {
+        a.seed = static_cast<std::uint64_t>(parse_int("--seed", v, std::numeric_limits<long long>::min()));
+      }
     } else if (flag == "--backend") {
       a.options.backend = value();
     } else if (flag == "--threads") {
