@@ -172,6 +172,13 @@ def _missing_segment(folder: Path) -> str:
     return "segment 1 portable graph: file segment_01.portable.onnx is missing"
 
 
+def _segment_entry_removed(folder: Path) -> str:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["segments"] = manifest["segments"][:-1]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return "segments cover steps 0..2 but the sampler runs 4 steps"
+
+
 def _invalid_json(folder: Path) -> str:
     text = (folder / "manifest.json").read_text()
     (folder / "manifest.json").write_text(text[: len(text) // 2])
@@ -207,8 +214,8 @@ def _truncated_graph(folder: Path) -> str:
     return "segment 0 portable graph: segment_00.portable.onnx has"
 
 
-@pytest.mark.parametrize("damage", [_corrupt_weights, _missing_segment, _invalid_json, _unknown_codec,
-                                    _vae_without_graphs, _wrong_timesteps, _truncated_graph])
+@pytest.mark.parametrize("damage", [_corrupt_weights, _missing_segment, _segment_entry_removed, _invalid_json,
+                                    _unknown_codec, _vae_without_graphs, _wrong_timesteps, _truncated_graph])
 def test_damaged_folders_are_refused_in_one_line(cpp_tools, tiny_export, photo, tmp_path, damage):
     folder = _copy(tiny_export, tmp_path)
     expected = damage(folder)
