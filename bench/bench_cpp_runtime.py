@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +33,22 @@ IMAGES = {"8x8 (1 tile)": (slice(100, 108), slice(200, 208)),
 
 
 def make_export(out: Path) -> Path:
-    from qdit4sr.calibration.plan import default_rank
+    from qdit4sr.calibration.plan import QuantizationSettings
     from qdit4sr.exporter.manifest_writer import transformer_hash
-    from qdit4sr.exporter.stages import ExportSettings, StageLog, calibrate, export, load_pipeline, quantize
+    from qdit4sr.exporter.settings import CalibrationSettings, ExportConfig, ExportSettings
+    from qdit4sr.exporter.stages import (
+        StageLog,
+        calibrate,
+        export,
+        load_pipeline,
+        quantize,
+    )
 
-    settings = ExportSettings(precision="w4a4", segments=4, calib_count=2, backend="onnx")
+    settings = ExportSettings(quantization=QuantizationSettings("w4a4", segments=4),
+                                  calibration=CalibrationSettings(count=2),
+                                  export=ExportConfig(flavours=("portable",)))
     pipe = load_pipeline(settings)
-    settings = replace(settings, rank=default_rank(pipe.transformer.inner_dim))
+    settings = settings.for_width(pipe.transformer.inner_dim)
     out.mkdir(parents=True)
     log = StageLog()
     plan = quantize(pipe, calibrate(pipe, settings, out, log), settings, out, log)
@@ -85,11 +93,11 @@ def time_cpp(serve: Path, folder: Path, images: dict[str, np.ndarray], repeats: 
         for r in range(repeats):
             args += ["-i", str(work / f"lr{k}.png"), "-o", str(work / f"sr{k}_{r}.png")]
             names.append(name)
-    result = subprocess.run(args, capture_output=True, text=True)
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
     if result.returncode:
         raise SystemExit(result.stderr)
-    load = float(re.search(r"^loaded .* in ([\d.]+) s$", result.stdout, re.M).group(1))
-    runs = [float(v) for v in re.findall(r"^wrote .* in ([\d.]+) s$", result.stdout, re.M)]
+    load = float(re.search(r"^loaded .* in ([\d.]+) s$", result.stdout, re.MULTILINE).group(1))
+    runs = [float(v) for v in re.findall(r"^wrote .* in ([\d.]+) s$", result.stdout, re.MULTILINE)]
     times = {name: statistics.median([t for t, n in zip(runs, names) if n == name]) for name in images}
     outputs = {name: np.asarray(Image.open(work / f"sr{k}_0.png")) for k, name in enumerate(images)}
     return load, times, outputs

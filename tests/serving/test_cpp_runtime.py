@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ def _save(image: np.ndarray, path: Path) -> Path:
     return path
 
 
-def _serve(tools, folder: Path, pairs: list[tuple[Path, Path]], *extra) -> "subprocess.CompletedProcess":
+def _serve(tools, folder: Path, pairs: list[tuple[Path, Path]], *extra) -> subprocess.CompletedProcess:
     args = [tools.serve, "--engines", folder, *extra]
     for lr, sr in pairs:
         args += ["-i", lr, "-o", sr]
