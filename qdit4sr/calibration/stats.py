@@ -176,7 +176,7 @@ def collect_activation_stats(pipeline, layers: dict[str, torch.nn.Module], confi
         for i, lr in enumerate(tqdm(batches, desc="calibration", disable=not progress)):
             cond = resize_bicubic(lr, lr.shape[-2] * config.scale, lr.shape[-1] * config.scale)
             latent = pipeline.codec.encode(cond)
-            pipeline.denoise(latent, torch.Generator().manual_seed(config.seed * 100003 + i))
+            pipeline.denoise(latent, config.seed * 100003 + i)
     finally:
         recorder.remove()
         logits.remove()

@@ -47,10 +47,17 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def resize_bicubic(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bicubic resize with antialiasing when shrinking, as the x4 degradation and the LR upsampling use."""
+    """Bicubic resize with antialiasing when shrinking, as the x4 degradation and the LR upsampling use.
+
+    Computed in float64 and rounded to the input dtype: torch's float32 kernel rounds differently on
+    CPUs with and without FMA (its AVX2/AVX512 builds contract multiply-adds, the baseline build does
+    not), so float32 results depend on the machine; in float64 those differences vanish in the final
+    rounding, which makes the result reproducible, also by the C++ runtime.
+    """
     antialias = height < image.shape[-2] or width < image.shape[-1]
-    return F.interpolate(image, size=(height, width), mode="bicubic", align_corners=False,
-                         antialias=antialias).clamp(0, 1)
+    out = F.interpolate(image.double(), size=(height, width), mode="bicubic", align_corners=False,
+                        antialias=antialias)
+    return out.clamp(0, 1).to(image.dtype)
 
 
 def degrade_x4(hr: torch.Tensor, scale: int = 4) -> torch.Tensor:

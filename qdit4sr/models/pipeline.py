@@ -2,6 +2,10 @@
 
 Every transformer call runs inside `step_scope(i)` (see step_context), and `step_callbacks` are called
 with (step_index, timestep) before each step, so calibration and quantized layers know the timestep.
+
+The initial noise comes from `qdit4sr.noise` (a portable generator, not torch.randn), and the bicubic
+resizes and the colour-fix statistics are computed in float64: the C++ runtime (serving/cpp)
+reproduces this sampler bit for bit on the exported graphs.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
+from ..noise import gaussian_noise
 from .images import resize_bicubic, to_tensor, to_uint8
 from .latents import load_codec
 from .loading import load_transformer
@@ -137,10 +142,13 @@ class DiT4SRPipeline:
         return out / norm
 
     @torch.no_grad()
-    def denoise(self, lr_latent: torch.Tensor, generator: torch.Generator | None = None,
-                tiled: bool = True) -> torch.Tensor:
+    def denoise(self, lr_latent: torch.Tensor, seed: int = 0, tiled: bool = True) -> torch.Tensor:
+        """Sample a latent from `seed`'s portable noise (see qdit4sr.noise) conditioned on lr_latent."""
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int (the noise is qdit4sr.noise's, not a torch generator's), "
+                            f"got {type(seed).__name__}")
         scheduler = self.make_scheduler()
-        x = torch.randn(lr_latent.shape, generator=generator, dtype=lr_latent.dtype)
+        x = torch.from_numpy(gaussian_noise(tuple(lr_latent.shape), int(seed))).to(lr_latent.dtype)
         for i, t in enumerate(scheduler.timesteps):
             for callback in self.step_callbacks:
                 callback(i, float(t))
@@ -168,8 +176,7 @@ class DiT4SRPipeline:
         pad_h, pad_w = (-out_h) % a, (-out_w) % a
         padded = torch.nn.functional.pad(cond, (0, pad_w, 0, pad_h), mode="replicate")
         lr_latent = self.codec.encode(padded)
-        generator = torch.Generator().manual_seed(seed)
-        latent = self.denoise(lr_latent, generator)
+        latent = self.denoise(lr_latent, seed)
         sr = self.codec.decode(latent)[..., :out_h, :out_w]
         if self.config.color_fix == "adain":
             sr = adain_color_fix(sr, cond)
@@ -179,9 +186,19 @@ class DiT4SRPipeline:
 
 
 def adain_color_fix(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Match each channel's mean and std to the reference (removes colour drift of the sampler)."""
-    mu_i, sd_i = image.mean((-2, -1), keepdim=True), image.std((-2, -1), keepdim=True)
-    mu_r, sd_r = reference.mean((-2, -1), keepdim=True), reference.std((-2, -1), keepdim=True)
+    """Match each channel's mean and std to the reference (removes colour drift of the sampler).
+
+    The statistics are computed in float64 and rounded to the image dtype: a float32 sum's rounding
+    depends on the summation order (torch's depends on the CPU's vector width and thread count),
+    float64 makes them a property of the data that another runtime reproduces exactly.
+    """
+
+    def stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t64 = t.double()
+        return t64.mean((-2, -1), keepdim=True).to(t.dtype), t64.std((-2, -1), keepdim=True).to(t.dtype)
+
+    mu_i, sd_i = stats(image)
+    mu_r, sd_r = stats(reference)
     return ((image - mu_i) / (sd_i + eps) * sd_r + mu_r).clamp(0, 1)
 
 

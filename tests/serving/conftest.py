@@ -1,51 +1,59 @@
-"""Session fixtures for the serving tests: one W4A4 export of the embedded tiny model (portable graphs,
-two timestep segments), its Triton model repository, and a local tritonserver serving it."""
+"""Session fixtures for the serving tests: the tiny default's W4A4 export (portable graphs, two timestep
+segments), the C++ runtime built from serving/cpp, the export's Triton model repository and a local
+tritonserver serving it."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers.micro_export import single_thread
-
-SEED_IMAGE = 3
-
-
-def export_default_tiny(folder):
-    """Quantize the shipped tiny model (full Q-DiT4SR method, W4A4, 2 segments) and export its portable graphs."""
-    from qdit4sr.calibration.api import quantize_
-    from qdit4sr.calibration.layers import example_inputs, used_linears
-    from qdit4sr.calibration.plan import QDiT4SRConfig
-    from qdit4sr.calibration.stats import CalibrationConfig, collect_activation_stats
-    from qdit4sr.exporter.manifest_writer import build_manifest, transformer_hash
-    from qdit4sr.exporter.onnx_export import export_segments
-    from qdit4sr.models.pipeline import load_default_pipeline
-
-    with single_thread(), torch.no_grad():
-        pipe = load_default_pipeline()
-        model = pipe.transformer
-        model_hash = transformer_hash(model)
-        stats = collect_activation_stats(pipe, used_linears(model, example_inputs(model)),
-                                         CalibrationConfig(num_images=1, lr_crop=8, batch_size=1), progress=False)
-        plan = quantize_(model, QDiT4SRConfig.preset("qdit4sr", "w4a4", num_segments=2, rank=4), stats,
-                         progress=False)
-        tile, tokens = pipe.config.tile_size, pipe.prompt.prompt_embeds.shape[1]
-        exports = export_segments(model, plan, folder, tile, tokens, flavour="portable", progress=False)
-    manifest = build_manifest(folder, exports, plan, model_hash=model_hash, pipeline_config=pipe.config,
-                              codec=pipe.codec, transformer_config=model.config, tile_latent=tile, text_tokens=tokens,
-                              prompt=pipe.prompt)
-    manifest.save(folder)
-    return manifest
+from .cpp_build import CppTools, cmake_build
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serving") / "export"
-    folder.mkdir()
-    manifest = export_default_tiny(folder)
-    assert len(manifest.segments) == 2, "the fixture must exercise switching segment models"
-    return folder
+def cpp_tools(tmp_path_factory) -> CppTools:
+    build = tmp_path_factory.mktemp("cpp_build")
+    cmake_build(build, targets=("qdit4sr-serve", "qdit4sr-ops"))
+    return CppTools(build / "qdit4sr-serve", build / "qdit4sr-ops")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """The embedded tiny model at W4A4 (Q-DiT4SR), portable graphs, 2 timestep segments over its 4 steps.
+
+    Made with the export stages the CLI runs (2 calibration crops, no report) to stay fast.
+    """
+    from qdit4sr.calibration.plan import QuantizationSettings
+    from qdit4sr.exporter.manifest_writer import transformer_hash
+    from qdit4sr.exporter.settings import CalibrationSettings, ExportConfig, ExportSettings
+    from qdit4sr.exporter.stages import (
+        StageLog,
+        calibrate,
+        export,
+        load_pipeline,
+        quantize,
+    )
+
+    out = tmp_path_factory.mktemp("tiny_w4a4") / "engines"
+    out.mkdir()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = ExportSettings(quantization=QuantizationSettings("w4a4", segments=2),
+                                  calibration=CalibrationSettings(count=2),
+                                  export=ExportConfig(flavours=("portable",)))
+        pipe = load_pipeline(settings)
+        settings = settings.for_width(pipe.transformer.inner_dim)
+        model_hash = transformer_hash(pipe.transformer)
+        log = StageLog()
+        stats = calibrate(pipe, settings, out, log)
+        plan = quantize(pipe, stats, settings, out, log)
+        export(pipe, plan, settings, out, model_hash, log)
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 @pytest.fixture(scope="session")
