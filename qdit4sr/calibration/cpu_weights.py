@@ -4,7 +4,8 @@ onnxruntime's integer kernel (MatMulIntegerToFloat) runs only per-output-channel
 float32 scales, so every residue becomes codes c [N, K] in [-MAX_CODE, MAX_CODE] and a scale s [N]:
 
     exact        the layer is already per channel with codes in range and c * s equal to the portable
-                 weight in float32 (e.g. quantized with group_size=None): codes and scales are kept.
+                 weight in float32 (quantized with CPU_EXACT_CONFIG: per channel, at most 7 bits, whose
+                 scales `quantize_` keeps in float32): codes and scales are kept.
     re-expressed otherwise (group-64 INT4 grids, 8-bit codes, fp16 products that are not float32-exact):
                  s = max|w_row| / MAX_CODE and c = round(w / s) with w the portable weight
                  (`QuantLinear.residual_weight`), so |c * s - w| <= s / 2 (plus the float32 rounding of
@@ -31,6 +32,8 @@ from .qlinear import QuantLinear
 from .quantizer import QuantizedWeight
 
 MAX_CODE = 63          # |code| bound that cannot saturate the u8 x s8 pair sums of non-VNNI kernels
+# QDiT4SRConfig settings under which every residue is kept exactly (per channel, at most 7 bits).
+CPU_EXACT_CONFIG = {"group_size": None, "wide_group_size": None, "weight_bit_range": (2, 7)}
 _TINY = torch.finfo(torch.float32).tiny  # scale of an all-zero row (codes 0)
 # |w / s| <= 127, so float32 division moves it by at most 127 * 2^-24 < 2^-17 of a step: a tie can round
 # to the farther code by that much.

@@ -76,7 +76,7 @@ class OrtBackend:
 
         flavour = Flavour.parse(flavour)
         if flavour not in manifest.flavours:
-            raise ValueError(f"the folder has no {flavour!s} graphs (it has {manifest.flavours})")
+            raise ValueError(f"the folder has no {str(flavour)!r} graphs (it has {manifest.flavours})")
         options = session_options(flavour, intra_op_num_threads, graph_optimization_level)
         if providers is None:
             available = ort.get_available_providers()
@@ -119,7 +119,7 @@ class SegmentedRunner:
                  providers: list[str] | None = None, check_hashes: bool = True, **backend_options):
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder, check_hashes=check_hashes)
-        self.flavour = default_flavour(self.manifest) if flavour is None else Flavour.parse(flavour)
+        self.flavour = default_flavour(self.manifest) if flavour is None else flavour
         factory = get_backend(self.flavour)
         if providers is not None:
             backend_options["providers"] = providers

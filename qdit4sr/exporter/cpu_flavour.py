@@ -37,6 +37,7 @@ import torch
 from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from ..artifacts.flavour import Flavour
 from ..calibration.cpu_weights import MAX_CODE, cpu_weight
 from ..calibration.hadamard import _paley_matrix, _sylvester_matrix, hadamard_factors
 from ..calibration.qlinear import QuantLinear
@@ -44,7 +45,6 @@ from ..engines.ort_options import session_options
 from .external_data import WeightStore
 from .graph_rewrite import LayerSpec, WeightDQ, _branches_portable, _Builder, _hadamard, _residue, _static_qdq
 
-CPU_FLAVOUR = "cpu"
 FUSED_OPS = ("MatMulIntegerToFloat", "DynamicQuantizeMatMul")  # onnxruntime's integer matmul kernels
 
 
@@ -212,11 +212,14 @@ def _rewrite_group(b: _Builder, group: list[tuple[gs.Node, LayerSpec]], segment:
     lifted = first.input_rank == 2
     x_main = b.op(prefix, "Unsqueeze", [x_h, b.shape([0])]) if lifted else x_h
     x_q = _static_qdq(b, prefix, x_main, first.act_bits[segment], first.act_scales[segment])
-    mains = [_residue(b, specs[0], x_q, CPU_FLAVOUR)] if len(specs) == 1 else _merged_residue(b, prefix, specs, x_q)
+    if len(specs) == 1:
+        mains = [_residue(b, specs[0], x_q, Flavour.CPU)]
+    else:
+        mains = _merged_residue(b, prefix, specs, x_q)
     for spec, main, y in zip(specs, mains, outputs):
         if lifted:
             main = b.op(spec.name, "Squeeze", [main, b.shape([0])])
-        side = _branches_portable(b, spec, x_h)
+        side = _branches_portable(b, spec, x_h, None)
         if side is None:
             b.op(spec.name, "Identity", [main], out=y)
         else:
@@ -225,7 +228,7 @@ def _rewrite_group(b: _Builder, group: list[tuple[gs.Node, LayerSpec]], segment:
 
 def _merged_residue(b: _Builder, prefix: str, specs: list[LayerSpec], x_q: gs.Variable) -> list[gs.Variable]:
     """One DQ + MatMul (+ bias) over the layers' weights side by side, split back per layer."""
-    weights = [spec.weight[CPU_FLAVOUR] for spec in specs]
+    weights = [spec.weight[Flavour.CPU] for spec in specs]
     codes = b.op(prefix, "Concat", [b.const(w.codes) for w in weights], {"axis": 1}, dtype=np.int8)
     scale = b.op(prefix, "Concat", [b.const(w.scale) for w in weights], {"axis": 0})
     y = b.op(prefix, "MatMul", [x_q, b.op(prefix, "DequantizeLinear", [codes, scale], {"axis": 1})])
@@ -242,7 +245,8 @@ def _merged_residue(b: _Builder, prefix: str, specs: list[LayerSpec], x_q: gs.Va
 
 # ----------------------------------------------------------------------------- checks
 
-def optimized_model(path: str | Path, flavour: str = CPU_FLAVOUR, level: str | None = None) -> onnx.ModelProto:
+def optimized_model(path: str | Path, flavour: Flavour | str = Flavour.CPU,
+                    level: str | None = None) -> onnx.ModelProto:
     """The graph as onnxruntime optimises it for the CPU (the session's own dump, without its weights),
     with the session settings the runtime uses for `flavour`."""
     import onnxruntime as ort
@@ -259,7 +263,7 @@ def optimized_model(path: str | Path, flavour: str = CPU_FLAVOUR, level: str | N
         return onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)
 
 
-def optimized_op_types(path: str | Path, flavour: str = CPU_FLAVOUR, level: str | None = None) -> Counter:
+def optimized_op_types(path: str | Path, flavour: Flavour | str = Flavour.CPU, level: str | None = None) -> Counter:
     return Counter(node.op_type for node in optimized_model(path, flavour, level).graph.node)
 
 

@@ -13,24 +13,46 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from qdit4sr.artifacts.flavour import Flavour
+from qdit4sr.artifacts.graph_io import INPUT_NAMES
 from qdit4sr.calibration.api import quantized_layers
-from qdit4sr.calibration.cpu_weights import MAX_CODE, cpu_quant_linear, cpu_reference_, cpu_weight
+from qdit4sr.calibration.cpu_weights import (
+    CPU_EXACT_CONFIG,
+    MAX_CODE,
+    cpu_quant_linear,
+    cpu_reference_,
+    cpu_weight,
+    requantize_per_channel,
+)
 from qdit4sr.calibration.hadamard import apply_hadamard, hadamard_factors, hadamard_matrix
+from qdit4sr.calibration.plan import LayerPlan
 from qdit4sr.calibration.qlinear import NO_ACT_QUANT, segment_scope
 from qdit4sr.calibration.quantizer import fake_quantize_activation
 from qdit4sr.engines.ort_options import session_options
-from qdit4sr.exporter.cpu_flavour import (SplitHadamardFactors, cpu_weight_dq, float_matmuls_on_dequantized,
-                                          optimized_model, optimized_op_types, rewrite_layers,
-                                          split_factor_matrices, split_sizes)
+from qdit4sr.exporter.cpu_flavour import (
+    SplitHadamardFactors,
+    cpu_weight_dq,
+    float_matmuls_on_dequantized,
+    optimized_model,
+    optimized_op_types,
+    rewrite_layers,
+    split_factor_matrices,
+    split_sizes,
+)
 from qdit4sr.exporter.external_data import WEIGHTS_FILE, WeightStore
 from qdit4sr.exporter.graph_rewrite import prepare_layer, rewrite_segment
 from qdit4sr.exporter.onnx_export import export_segments
-from qdit4sr.exporter.placeholder import INPUT_NAMES, PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
-from tests.conftest import MICRO_CONFIG, micro_inputs
-from tests.exporter.micro_export import TILE, TOKENS, quantized_micro, single_thread
-from tests.exporter.test_onnx_export import (LAYER_CASES, LAYER_RTOL, MODEL_RTOL, MODEL_TIE_RTOL, TIE_MARGIN,
-                                             _graph_with_code_outputs, _quant_layer, _tie_free_input,
-                                             _torch_codes)
+from qdit4sr.exporter.placeholder import PLACEHOLDER_DOMAIN, PLACEHOLDER_OP
+from tests.exporter.test_graph_rewrite import LAYER_CASES, LAYER_RTOL, _quant_layer, _tie_free_input
+from tests.exporter.test_onnx_export import (
+    MODEL_RTOL,
+    MODEL_TIE_RTOL,
+    TIE_MARGIN,
+    _graph_with_code_outputs,
+    _torch_codes,
+)
+from tests.helpers.micro import MICRO_CONFIG, micro_inputs
+from tests.helpers.micro_export import TILE, TOKENS, quantized_micro, single_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -115,8 +137,11 @@ def _single_layer_graph_cpu(layer, weight, rank, folder, segment) -> Path:
                                                    helper.make_opsetid(PLACEHOLDER_DOMAIN, 1)])
     folder.mkdir(parents=True, exist_ok=True)
     with WeightStore(folder / WEIGHTS_FILE, threshold_bytes=256) as store:
-        spec = prepare_layer(store, "layer", layer, rank)
-        spec.weight["cpu"] = cpu_weight_dq(store, "layer", layer)
+        plan = LayerPlan("layer", layer.in_features, layer.out_features, layer.weight_bits, 1.0,
+                         list(layer.act_bits), list(layer.act_scales), 0 if layer.up is None else layer.up.shape[1],
+                         None if layer.block_shape is None else list(layer.block_shape))
+        spec = prepare_layer(store, plan, layer, rank)
+        spec.weight[Flavour.CPU] = cpu_weight_dq(store, "layer", layer)
         model = rewrite_segment(base, {"layer": spec}, segment, "cpu", 21, SplitHadamardFactors(store),
                                 rewrite_layers=rewrite_layers)
     path = folder / f"cpu_{segment}.onnx"
@@ -152,7 +177,7 @@ def exported(tmp_path_factory):
     cases = {
         "w4a4_hsvd": dict(preset="qdit4sr", precision="w4a4", rank=8, num_segments=2,
                           boost=("transformer_blocks.1.ff.net.2", "transformer_blocks.0.attn.to_out.0")),
-        "w4a6_per_channel": dict(preset="rtn", precision="w4a6", group_size=None),
+        "w4a6_per_channel": dict(preset="qdit4sr", precision="w4a6", rank=8, **CPU_EXACT_CONFIG),
     }
     out = {}
     for name, kwargs in cases.items():
@@ -262,3 +287,51 @@ def test_cpu_graphs_share_the_weights_file_and_pass_the_checker(exported):
         assert all(n.domain == "" for n in model.graph.node)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         ["weights.bin"] + [p.name for seg in exports for p in seg.graphs.values()])
+
+
+# ----------------------------------------------------------------------------- CPUs without VNNI
+
+PROBE = Path(__file__).with_name("integer_matmul_probe.py")
+
+
+def _probe(tmp_path: Path, act_bits: int, emulate: bool) -> dict:
+    """Errors of the fused integer matmul on cpu-flavour codes (|code| <= 63) and on full-range INT8 codes."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=gen)
+    w[0], w[1] = 1.0, -1.0  # rows whose codes all sit at the end of the range
+    q = 2 ** (act_bits - 1) - 1
+    act = torch.randint(-q, q + 1, (32, 256), generator=gen)
+    act[0], act[1] = q, -q  # the largest u8 activations (255 at 8 bits) against those rows
+    ours = requantize_per_channel(w, MAX_CODE)
+    full = requantize_per_channel(w, 127)
+    np.savez(tmp_path / "codes.npz", act_codes=act.numpy(), act_scale=np.float32(0.01), scales=ours.scale.numpy(),
+             codes_cpu=ours.codes.numpy().T, codes_full_range=full.codes.numpy().T)
+    command = [sys.executable, str(PROBE), str(tmp_path / "codes.npz")]
+    if emulate:
+        command = [shutil.which("qemu-x86_64"), "-cpu", "Haswell"] + command
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_integer_matmul_is_exact_here(tmp_path, act_bits):
+    errors = _probe(tmp_path, act_bits, emulate=False)
+    assert errors["cpu"] < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("shutil").which("qemu-x86_64"),
+                    reason="qemu-x86_64 (apt package qemu-user) is not installed: no CPU without VNNI to emulate")
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_integer_matmul_is_exact_without_vnni(tmp_path, act_bits):
+    """Under an emulated Haswell (AVX2, no VNNI) onnxruntime takes its u8 x s8 kernel whose pair sums
+    saturate in int16: the cpu flavour's codes (|code| <= 63) stay exact, full-range INT8 codes do not."""
+    errors = _probe(tmp_path, act_bits, emulate=True)
+    assert errors["cpu"] < 1e-6
+    assert errors["full_range"] > 0.1  # the check can fail: the saturating kernel really ran
