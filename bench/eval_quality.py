@@ -3,7 +3,12 @@
     python bench/eval_quality.py [--crop 128] [--out FILE] [--model DIR] [--threads 2]
 
 Rows: FP, then RTN, SVDQuant-style (global rank-r branch, uniform bits), H-SVD, H-SVD + VaSMP and the full
-Q-DiT4SR at W4A6 and W4A4, plus a global-only SVD given H-SVD's full-precision budget at W4A4. The activation
+Q-DiT4SR at W4A6 and W4A4, each precision followed by two rows for the `cpu` graph flavour (per-channel INT8
+weights onnxruntime runs as integer matmuls): option 1, the full Q-DiT4SR with its group-64 grid
+re-expressed per channel (the torch model of the cpu graphs, `cpu_reference_`), and option 2, Q-DiT4SR
+quantized per output channel with at most 7 weight bits (CPU_EXACT_CONFIG), whose portable and cpu graphs
+compute the same; plus a
+global-only SVD given H-SVD's full-precision budget at W4A4. The activation
 statistics are collected once (on training-photo crops, never the held-out photos) and shared by every row,
 so rows differ only in the method. Columns: PSNR / SSIM against the HR photo (mean over images), PSNR
 against the FP model's output, mean weight bits (size-weighted), mean activation bits (over layers and
@@ -35,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qdit4sr.calibration import api
 from qdit4sr.calibration.api import quantize_, quantized_layers
+from qdit4sr.calibration.cpu_weights import CPU_EXACT_CONFIG, cpu_reference_
 from qdit4sr.calibration.hsvd import HSVDConfig, equal_budget_svd_rank
 from qdit4sr.calibration.layers import example_inputs, used_linears
 from qdit4sr.calibration.plan import BitPlan, QDiT4SRConfig
@@ -81,11 +87,24 @@ def fp16_size(linears: dict[str, nn.Linear]) -> int:
 
 
 def deployed_size(model: nn.Module) -> int:
-    """Bytes of the quantized layers as deployed: packed b-bit residue, fp16 scales, bias and branches."""
+    """Bytes of the quantized layers as deployed: packed b-bit residue, its scales (fp16 group-wise, float32
+    per channel), fp16 bias and branches."""
     total = 0
     for layer in quantized_layers(model).values():
         total += math.ceil(layer.qweight.numel() * layer.weight_bits / 8)
-        fp = (layer.weight_scales, layer.bias, layer.up, layer.down, layer.block_sigma, layer.block_u, layer.block_v)
+        total += layer.weight_scales.numel() * layer.weight_scales.element_size()
+        fp = (layer.bias, layer.up, layer.down, layer.block_sigma, layer.block_u, layer.block_v)
+        total += sum(t.numel() for t in fp if t is not None) * FP16_BYTES
+    return total
+
+
+def cpu_deployed_size(model: nn.Module) -> int:
+    """Bytes of the quantized layers in the cpu graphs: one INT8 byte per weight, float32 channel scales,
+    fp16 bias and branches."""
+    total = 0
+    for layer in quantized_layers(model).values():
+        total += layer.qweight.numel() + 4 * layer.out_features
+        fp = (layer.bias, layer.up, layer.down, layer.block_sigma, layer.block_u, layer.block_v)
         total += sum(t.numel() for t in fp if t is not None) * FP16_BYTES
     return total
 
@@ -130,12 +149,17 @@ def quality(outputs: list[np.ndarray], images: list[EvalImage], fp: list[np.ndar
 
 
 def quantized_row(base: DiT4SRPipeline, method: str, config: QDiT4SRConfig, stats: ActivationStats,
-                  images: list[EvalImage], fp: list[np.ndarray], seed: int) -> tuple[Row, BitPlan]:
-    """Quantize a copy of the FP pipeline with `config`, upscale the images and score them."""
+                  images: list[EvalImage], fp: list[np.ndarray], seed: int, *, cpu: bool = False
+                  ) -> tuple[Row, BitPlan]:
+    """Quantize a copy of the FP pipeline with `config`, upscale the images and score them; `cpu`: as the
+    cpu graphs compute it (residues in the cpu layout) and sized as they store it."""
     # A copy rather than a reload: every row then starts from the very weights the FP row used.
     pipe = copy.deepcopy(base)
     t0 = time.perf_counter()
     plan = quantize_(pipe.transformer, config, stats, progress=False)
+    size = (cpu_deployed_size if cpu else deployed_size)(pipe.transformer)
+    if cpu:
+        cpu_reference_(pipe.transformer)
     t1 = time.perf_counter()
     outputs = upscale_all(pipe, images, seed)
     q = quality(outputs, images, fp)
@@ -143,7 +167,7 @@ def quantized_row(base: DiT4SRPipeline, method: str, config: QDiT4SRConfig, stat
     log(f"{precision} {method}: quantize {t1 - t0:.1f}s, upscale {time.perf_counter() - t1:.1f}s, "
         f"PSNR vs FP {q['psnr_fp']:.2f} dB")
     row = Row(method, precision, q["psnr_hr"], q["ssim_hr"], q["psnr_fp"], plan.mean_weight_bits(),
-              plan.mean_act_bits(), len(plan.segments), deployed_size(pipe.transformer))
+              plan.mean_act_bits(), len(plan.segments), size)
     return row, plan
 
 
@@ -213,6 +237,13 @@ def main(model_dir: Path, crop: int, calib_images: int, rank: int, seed: int, th
                 config = QDiT4SRConfig.preset(preset, precision, rank=rank, seed=seed)
                 row, plans[preset, precision] = quantized_row(pipe, method, config, stats, images, fp, seed)
                 rows.append(row)
+            # The cpu flavour's two ways to per-channel INT8 weights.
+            config = QDiT4SRConfig.preset("qdit4sr", precision, rank=rank, seed=seed)
+            rows.append(quantized_row(pipe, "Q-DiT4SR, cpu graph: group-64 re-expressed (1)", config, stats, images,
+                                      fp, seed, cpu=True)[0])
+            config = QDiT4SRConfig.preset("qdit4sr", precision, rank=rank, seed=seed, **CPU_EXACT_CONFIG)
+            rows.append(quantized_row(pipe, "Q-DiT4SR per channel, cpu graph (2)", config, stats, images, fp, seed,
+                                      cpu=True)[0])
 
         # The honest baseline: H-SVD spends extra FP parameters on its blocks; give a global-only SVD as many.
         ranks = equal_budget_ranks(plans["hsvd", "w4a4"])
@@ -236,9 +267,15 @@ def main(model_dir: Path, crop: int, calib_images: int, rank: int, seed: int, th
         f"({', '.join(im.name for im in images)}), "
         f"{crop}px HR centre crops, x4. Calibration: {calib_images} crops of the training photos, collected once "
         f"and shared by every row. Seed {seed}, {threads} threads.",
-        "Size: the quantized blocks' linear layers as deployed (packed integer residue at its bits, fp16 scales, "
-        "bias and low-rank branches); the FP row counts the same layers at fp16 (the FP outputs themselves are "
-        "computed in fp32).",
+        "Size: the quantized blocks' linear layers as deployed (packed integer residue at its bits, fp16 group "
+        "scales or float32 channel scales, fp16 bias and low-rank branches); the cpu rows as the cpu graphs "
+        "store them (one INT8 byte per weight); the FP row counts the same layers at fp16 (the FP outputs "
+        "themselves are computed in fp32).",
+        "cpu rows, computed by the torch model of the cpu graphs (which the tests match to float32 rounding): "
+        "(1) the full Q-DiT4SR model with every group-64 INT4 residue re-expressed on a per-channel grid of 127 "
+        "levels (|code| <= 63, within half a step of the portable weight); mean W bits are the plan's; "
+        "(2) the full Q-DiT4SR quantized per output channel with at most 7 weight bits at quantize time "
+        "(group_size=None, weight_bit_range=(2, 7)), kept exactly by the cpu graph.",
         "Mean W bits are weighted by layer size; mean A bits average over layers and sampler steps.",
         f"\\* {eq_note}",
     ]

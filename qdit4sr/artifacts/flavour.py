@@ -2,6 +2,8 @@
 
     portable  standard ONNX ops only; onnxruntime runs it (the numerical reference)
     trt       the side branches as qdit4sr plugin nodes; TensorRT engines are built from it and run it
+    cpu       standard ONNX ops with per-channel INT8 weights that onnxruntime runs as integer matmuls
+              (exporter/cpu_flavour.py); the fast way to run on a CPU
 
 A flavour names both the graph files (``segment_kk.<flavour>.onnx``) and the runtime that executes
 them, so ``qdit4sr-export --flavour``, ``qdit4sr-upscale --flavour`` and ``export_segments(flavour=...)``
@@ -16,6 +18,7 @@ from typing import Iterable
 class Flavour(str, Enum):
     PORTABLE = "portable"
     TRT = "trt"
+    CPU = "cpu"
 
     # A member and its value are the same dict key and compare equal, so manifests (plain JSON strings)
     # and code (members) index the same tables.
@@ -47,4 +50,4 @@ class Flavour(str, Enum):
 
 
 ENGINE_FLAVOUR = Flavour.TRT                                  # TensorRT engines are built from these graphs
-DEFAULT_EXPORT_FLAVOURS = (Flavour.PORTABLE, Flavour.TRT)     # what qdit4sr-export writes unless told
+DEFAULT_EXPORT_FLAVOURS = (Flavour.PORTABLE, Flavour.TRT, Flavour.CPU)  # what qdit4sr-export writes unless told

@@ -4,9 +4,10 @@ Layer by layer so the full-size model fits in memory: each weight is rotated and
 full-precision branches, the residue overwrites the original weight, VaSMP picks the weight bits
 from the residues' variances, then each residue is quantized and its nn.Linear replaced.
 
-With `storage_dtype="float16"` (the default) everything kept in floating point (branches, weight
-scales, biases and the unquantized layers) is rounded to fp16 values, which is how the export stores
-it; the torch model still computes in fp32, so it and the exported graphs agree exactly.
+With `storage_dtype="float16"` (the default) everything kept in floating point (branches, group-wise
+weight scales, biases and the unquantized layers) is rounded to fp16 values, which is how the export
+stores it; the torch model still computes in fp32, so it and the exported graphs agree exactly.
+Per-output-channel weight scales stay float32 (see `_scale_dtype`).
 """
 from __future__ import annotations
 
@@ -94,6 +95,12 @@ def _storage_round(t: torch.Tensor | None, config: QDiT4SRConfig) -> torch.Tenso
     return t.detach().float().to(torch.float16).float()
 
 
+def _scale_dtype(config: QDiT4SRConfig, group_size: int | None) -> torch.dtype:
+    """Group scales follow storage_dtype; per-channel scales stay float32 (4 bytes per output channel), so
+    code x scale is exact in float32 and the cpu flavour runs the layer exactly as an integer matmul."""
+    return torch.float16 if config.storage_dtype == "float16" and group_size is not None else torch.float32
+
+
 def round_unquantized_(model: nn.Module, config: QDiT4SRConfig) -> None:
     """Round the float parameters and buffers outside the quantized layers to the storage precision."""
     for module in model.modules():
@@ -134,9 +141,10 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
     layer_plans = []
     for i, name in enumerate(tqdm(names, desc="quantize residues", disable=not progress)):
         layer, br = linears.pop(name), branches.pop(name)  # pop: the fp32 residue is freed once replaced
+        group_size = config.group_size_for(int(w_bits[i]))
         residual = quantize_weight(layer.weight.data, WeightQuantConfig(
-            bits=int(w_bits[i]), group_size=config.group_size_for(int(w_bits[i])), scale_search=config.scale_search,
-            scale_dtype=torch.float16 if config.storage_dtype == "float16" else torch.float32))
+            bits=int(w_bits[i]), group_size=group_size, scale_search=config.scale_search,
+            scale_dtype=_scale_dtype(config, group_size)))
         scales = [_static_scale(stats.second_moment[i, s:e], stats.amax[i, s:e], int(a_bits[i, k]))
                   for k, (s, e) in enumerate(segments)]
         keep = lambda t: _storage_round(t, config)  # noqa: E731

@@ -14,8 +14,10 @@ from .common import CONTEXT_SETTINGS, fail, first_line
 @click.option("--engines", "engines", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Folder written by qdit4sr-export.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), required=True)
-@click.option("--flavour", type=click.Choice(Flavour.names()), default=Flavour.PORTABLE.value, show_default=True,
-              help="portable: onnxruntime on the portable graphs; trt: the TensorRT engines.")
+@click.option("--flavour", type=click.Choice(Flavour.names()), default=None,
+              help="cpu: onnxruntime on the integer cpu graphs; portable: onnxruntime on the portable graphs; trt: "
+                   "the TensorRT engines. [default: trt where the folder has engines and TensorRT runs here, else "
+                   "cpu when the folder has it, else portable]")
 @click.option("--seed", type=int, default=0, show_default=True)
 def upscale_command(image, engines, output, flavour, seed):
     """Super-resolve IMAGE x4 with an exported folder."""

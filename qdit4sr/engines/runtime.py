@@ -7,12 +7,13 @@
 
 The flavour names the runtime backend, looked up in a registry. A backend is anything with
 `run(segment_index, feeds: dict[str, np.ndarray]) -> np.ndarray` (the output velocity), built by a
-factory `(manifest, folder, **options)`. "portable" (onnxruntime on the portable graphs) lives here;
+factory `(manifest, folder, **options)`. "portable" and "cpu" (onnxruntime on those graphs) live here;
 "trt" (the TensorRT engines) is imported on first use from `qdit4sr.engines.trt_runtime`, which
-registers itself with `register_backend`.
+registers itself with `register_backend`. With no flavour named, `default_flavour` picks one.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..artifacts.flavour import Flavour
 from ..artifacts.manifest import Manifest, load_codec_spec
 from ..models.pipeline import DiT4SRPipeline, PromptEmbeddings
 from ..models.step_context import current_step
+from .ort_options import session_options
 
 
 class SegmentBackend(Protocol):
@@ -60,30 +62,26 @@ def get_backend(flavour: Flavour | str) -> BackendFactory:
 # ----------------------------------------------------------------------------- onnxruntime
 
 class OrtBackend:
-    """One onnxruntime InferenceSession per segment, on the portable graphs.
+    """One onnxruntime InferenceSession per segment, on the portable or the cpu graphs.
 
-    The default optimisation level is ORT_ENABLE_BASIC: the extended levels fuse Q/DQ + MatMul into
-    integer kernels that can be inexact on CPUs without VNNI, while the basic level computes exactly
-    what the graph says (constant folding and eliminations only).
+    The optimisation level defaults to the flavour's (ort_options.py): ORT_ENABLE_BASIC for the
+    portable graphs, which then run exactly as written, ORT_ENABLE_ALL for the cpu graphs, which exist
+    to be fused into integer matmuls (exact too: their INT8 codes cannot saturate any x86 kernel).
     """
 
     def __init__(self, manifest: Manifest, folder: Path, providers: list[str] | None = None,
-                 graph_optimization_level: str = "ORT_ENABLE_BASIC", intra_op_num_threads: int | None = None,
+                 graph_optimization_level: str | None = None, intra_op_num_threads: int | None = None,
                  flavour: Flavour | str = Flavour.PORTABLE):
         import onnxruntime as ort
 
+        flavour = Flavour.parse(flavour)
         if flavour not in manifest.flavours:
-            raise ValueError(f"the folder has no {flavour!r} graphs (it has {manifest.flavours})")
-        options = ort.SessionOptions()
-        try:
-            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, graph_optimization_level)
-        except AttributeError as e:
-            raise ValueError(f"unknown graph_optimization_level {graph_optimization_level!r}") from e
-        if intra_op_num_threads:
-            options.intra_op_num_threads = int(intra_op_num_threads)
+            raise ValueError(f"the folder has no {str(flavour)!r} graphs (it has {manifest.flavours})")
+        options = session_options(flavour, intra_op_num_threads, graph_optimization_level)
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.flavour = flavour
         self.providers = providers
         self.sessions = [ort.InferenceSession(str(seg.graphs[flavour].resolve(folder)), options, providers=providers)
                          for seg in manifest.segments]
@@ -93,7 +91,23 @@ class OrtBackend:
         return self.sessions[segment_index].run([self.output_name], feeds)[0]
 
 
-register_backend(Flavour.PORTABLE, OrtBackend)
+register_backend(Flavour.PORTABLE, functools.partial(OrtBackend, flavour=Flavour.PORTABLE))
+register_backend(Flavour.CPU, functools.partial(OrtBackend, flavour=Flavour.CPU))
+
+
+def default_flavour(manifest: Manifest) -> Flavour:
+    """trt where the folder has engines and TensorRT runs here; otherwise cpu (onnxruntime's integer
+    graphs) when the folder has them, else portable."""
+    if manifest.segments and all(seg.engine is not None for seg in manifest.segments):
+        from .build import tensorrt_status
+
+        if tensorrt_status()[0]:
+            return Flavour.TRT
+    for flavour in (Flavour.CPU, Flavour.PORTABLE):
+        if flavour in manifest.flavours:
+            return flavour
+    raise ValueError(f"the folder has no graphs this machine can run (it has {manifest.flavours}); "
+                     f"export the cpu or portable flavour")
 
 
 # ----------------------------------------------------------------------------- runner
@@ -101,7 +115,7 @@ register_backend(Flavour.PORTABLE, OrtBackend)
 class SegmentedRunner:
     """Loads a validated exported folder and runs the segment that owns each sampler step."""
 
-    def __init__(self, folder: str | Path, flavour: Flavour | str = Flavour.PORTABLE,
+    def __init__(self, folder: str | Path, flavour: Flavour | str | None = None,
                  providers: list[str] | None = None, check_hashes: bool = True, *,
                  manifest: Manifest | None = None, backend: SegmentBackend | None = None, **backend_options):
         self.folder = Path(folder)
@@ -109,10 +123,11 @@ class SegmentedRunner:
         # model whose graphs live in other models) passes both in; otherwise the folder is validated
         # against its manifest and the flavour's backend is built here.
         self.manifest = manifest if manifest is not None else Manifest.load(self.folder, check_hashes=check_hashes)
+        self.flavour = default_flavour(self.manifest) if flavour is None else flavour
         if backend is None:
             if providers is not None:
                 backend_options["providers"] = providers
-            backend = get_backend(flavour)(self.manifest, self.folder, **backend_options)
+            backend = get_backend(self.flavour)(self.manifest, self.folder, **backend_options)
         self.backend: SegmentBackend = backend
         self.input_names = [t.name for t in self.manifest.inputs]
 
@@ -187,9 +202,10 @@ class OrtTransformer:
         return torch.from_numpy(out).to(hidden_states.dtype)
 
 
-def load_exported_pipeline(folder: str | Path, flavour: Flavour | str = Flavour.PORTABLE,
+def load_exported_pipeline(folder: str | Path, flavour: Flavour | str | None = None,
                            **runner_options) -> DiT4SRPipeline:
-    """The sampler rebuilt from the manifest (codec, settings, prompt) around the exported graphs of `flavour`."""
+    """The sampler rebuilt from the manifest (codec, settings, prompt) around the exported graphs of `flavour`
+    (None: `default_flavour`)."""
     runner = SegmentedRunner(folder, flavour=flavour, **runner_options)
     manifest = runner.manifest
     transformer = OrtTransformer(runner)

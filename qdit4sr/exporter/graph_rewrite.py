@@ -38,6 +38,9 @@ u [P, Q, s_o], v [P, Q, s_i]) in both flavours, so one copy in the external-data
 the portable flavour transposes them with Transpose nodes on the constants (onnxruntime folds them
 when the session is created).
 
+The cpu flavour (cpu_flavour.py) is this rewrite with per-channel INT8 weights, a cheaper split of the
+Hadamard and layers that share an input merged; it passes its own `rewrite_layers`.
+
 Float weights (branches, biases) that are exactly fp16 values, which `quantize_` makes them with the
 default storage_dtype "float16", are stored as fp16 and widened by one Cast each; fp16 weight scales
 feed the DequantizeLinear directly (its output is then fp16, as the torch model rounds it) followed by
@@ -46,6 +49,7 @@ a Cast to float32. Activations and the arithmetic stay float32 in both flavours.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -163,6 +167,10 @@ class HadamardFactors:
     store: WeightStore
     cache: dict[int, tuple[TensorProto | None, TensorProto | None]] = field(default_factory=dict)
 
+    def sizes(self, n: int) -> tuple[int, int]:
+        """(m, p): the last axis is reshaped to [m, p]; A acts on m, B on p."""
+        return hadamard_factors(n)
+
     def get(self, n: int) -> tuple[TensorProto | None, TensorProto | None]:
         """(A^T [m, m] or None, B [p, p] or None) for size n; None where the factor has size 1."""
         if n not in self.cache:
@@ -219,7 +227,7 @@ class _Builder:
 
 def _hadamard(b: _Builder, spec: LayerSpec, x: gs.Variable, factors: HadamardFactors) -> gs.Variable:
     k, lead = spec.in_features, [0] * (spec.input_rank - 1)
-    m, p = hadamard_factors(k)
+    m, p = factors.sizes(k)
     a_t, b_p = factors.get(k)
     if a_t is None and b_p is None:
         return x
@@ -346,20 +354,31 @@ def _rewrite_node(b: _Builder, node: gs.Node, spec: LayerSpec, segment: int, fla
         b.op(spec.name, "Add", [main, side], out=y)
 
 
+# Rewrites every layer placeholder of a graph at once: (builder, [(node, spec)], segment, factors).
+LayerRewrite = Callable[["_Builder", list[tuple[gs.Node, LayerSpec]], int, HadamardFactors], None]
+
+
 def _attr(node: gs.Node, key: str) -> str:
     value = node.attrs[key]
     return value.decode() if isinstance(value, bytes) else value
 
 
 def rewrite_segment(base: onnx.ModelProto, specs: dict[str, LayerSpec], segment: int, flavour: Flavour | str,
-                    opset: int, factors: HadamardFactors,
-                    softmax_specs: dict[str, SoftmaxPlan] | None = None) -> onnx.ModelProto:
-    """The deployable graph of one timestep segment: every placeholder replaced, lifted to `opset`."""
+                    opset: int, factors: HadamardFactors, softmax_specs: dict[str, SoftmaxPlan] | None = None,
+                    rewrite_layers: LayerRewrite | None = None) -> onnx.ModelProto:
+    """The deployable graph of one timestep segment: every placeholder replaced, lifted to `opset`.
+
+    `rewrite_layers` replaces the per-layer rewrite above for all layer placeholders together: the cpu
+    flavour's (cpu_flavour.rewrite_layers), which merges layers that share an input.
+    """
     flavour = Flavour.parse(flavour)
+    if (flavour == Flavour.CPU) != (rewrite_layers is not None):
+        raise ValueError("the cpu flavour is rewritten by cpu_flavour.rewrite_layers, and only it")
     softmax_specs = softmax_specs or {}
     graph = gs.import_onnx(base)
     b = _Builder(graph)
     found, found_softmax = set(), set()
+    placed = []
     for node in list(graph.nodes):
         if node.domain != PLACEHOLDER_DOMAIN:
             continue
@@ -376,7 +395,12 @@ def rewrite_segment(base: onnx.ModelProto, specs: dict[str, LayerSpec], segment:
         if name not in specs:
             raise ValueError(f"placeholder for {name!r} has no prepared layer")
         found.add(name)
-        _rewrite_node(b, node, specs[name], segment, flavour, factors)
+        if rewrite_layers is None:
+            _rewrite_node(b, node, specs[name], segment, flavour, factors)
+        else:
+            placed.append((node, specs[name]))
+    if rewrite_layers is not None:
+        rewrite_layers(b, placed, segment, factors)
     missing = sorted(set(specs) - found) + sorted(set(softmax_specs) - found_softmax)
     if missing:
         raise ValueError(f"{len(missing)} quantized layers or softmaxes have no node in the traced graph, "
@@ -391,4 +415,4 @@ def rewrite_segment(base: onnx.ModelProto, specs: dict[str, LayerSpec], segment:
     model.ir_version = IR_VERSION
     model.producer_name = "qdit4sr"
     del model.graph.value_info[:]  # stale shapes from the traced graph; inferred afresh below
-    return onnx.shape_inference.infer_shapes(model, strict_mode=flavour == Flavour.PORTABLE, data_prop=True)
+    return onnx.shape_inference.infer_shapes(model, strict_mode=flavour != Flavour.TRT, data_prop=True)

@@ -13,6 +13,8 @@ and why b-bit activations sit in an INT8 container). Flavours (`qdit4sr.artifact
 
     portable  standard ONNX ops only; what onnxruntime runs
     trt       the side branches as qdit4sr plugin nodes (plugins/contract.py) for TensorRT; passes `lint_model`
+    cpu       standard ONNX ops, per-channel INT8 weights that onnxruntime runs as integer matmuls
+              (cpu_flavour.py)
 
 Quantized layers whose output never reaches the velocity (dit4sr_q computes to_k_control and drops it)
 are removed by the tracer as dead code; they are listed in `SegmentExport.dead_layers` and not stored.
@@ -44,6 +46,7 @@ from ..calibration.qlinear import QuantLinear
 from ..calibration.qsoftmax import QuantSoftmax, quantized_softmaxes
 from ..checks import check_int
 from ..fileio import atomic_write, sha256_file
+from .cpu_flavour import SplitHadamardFactors, cpu_weight_dq, rewrite_layers
 from .external_data import DEFAULT_THRESHOLD_BYTES, WEIGHTS_FILE, WeightStore
 from .fp16_storage import compact_initializers
 from .graph_checks import check_onnx, check_trt
@@ -212,11 +215,16 @@ def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, 
             live = [lp for lp in plan.layers if lp.name in base.input_ranks]
             specs = {lp.name: prepare_layer(store, lp, layers[lp.name], base.input_ranks[lp.name])
                      for lp in tqdm(live, desc="quantized weights", disable=not progress)}
-            factors = HadamardFactors(store)
+            if Flavour.CPU in flavours:
+                for lp in tqdm(live, desc="cpu weights", disable=not progress):
+                    specs[lp.name].weight[Flavour.CPU] = cpu_weight_dq(store, lp.name, layers[lp.name])
+            factors, cpu_factors = HadamardFactors(store), SplitHadamardFactors(store)  # stored when first used
             softmax_specs = {site.name: site for site in plan.softmax if site.name in base.softmax_sites}
             jobs = [(k, fl) for k in range(len(plan.segments)) for fl in flavours]
             for k, fl in tqdm(jobs, desc="segment graphs", disable=not progress):
-                graphs[k, fl] = rewrite_segment(base.model, specs, k, fl, opset, factors, softmax_specs)
+                cpu = fl == Flavour.CPU
+                graphs[k, fl] = rewrite_segment(base.model, specs, k, fl, opset, cpu_factors if cpu else factors,
+                                                softmax_specs, rewrite_layers if cpu else None)
         weights_sha = store.sha256
         exports = []
         for k, (start, end) in enumerate(plan.segments):

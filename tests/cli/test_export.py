@@ -50,7 +50,7 @@ def test_export_writes_a_complete_folder(exported):
     out, output = exported
     assert (out / "manifest.json").is_file() and (out / "weights.bin").is_file()
     assert sorted(p.name for p in out.glob("segment_*.onnx")) == [
-        "segment_00.portable.onnx", "segment_00.trt.onnx", "segment_01.portable.onnx", "segment_01.trt.onnx"]
+        f"segment_{k:02d}.{flavour}.onnx" for k in range(2) for flavour in ("cpu", "portable", "trt")]
     assert (out / "report" / "report.md").is_file()
     assert "TensorRT engines were not built" in output   # no TensorRT here, and the summary says why
     assert str(out / "manifest.json") in output
@@ -153,7 +153,7 @@ def test_interrupted_run_leaves_no_manifest_and_resumes(tmp_path, model_dir, mon
 
 
 def test_option_groups_build_the_settings(tmp_path, monkeypatch):
-    """Each option group fills its settings dataclass; --flavour is repeatable (default both flavours)."""
+    """Each option group fills its settings dataclass; --flavour is repeatable (default all three flavours)."""
     from qdit4sr.exporter import stages
 
     seen = []
@@ -163,13 +163,13 @@ def test_option_groups_build_the_settings(tmp_path, monkeypatch):
         raise stages.ExportError("stop here")
 
     monkeypatch.setattr(stages, "load_pipeline", stop)
-    for extra, expected in (((), ("portable", "trt")), (("--flavour", "portable"), ("portable",)),
+    for extra, expected in (((), ("portable", "trt", "cpu")), (("--flavour", "portable"), ("portable",)),
                             (("--flavour", "trt", "--flavour", "portable"), ("portable", "trt"))):
         r = CliRunner().invoke(export_command, ["--out", str(tmp_path / "o"), *extra])
         assert r.exit_code == 2 and "stop here" in r.output
         assert seen.pop().export.flavours == expected
     r = CliRunner().invoke(export_command, ["--out", str(tmp_path / "o"), "--flavour", "onnx"])
-    assert r.exit_code == 2 and "'onnx' is not one of 'portable', 'trt'" in r.output
+    assert r.exit_code == 2 and "'onnx' is not one of 'portable', 'trt', 'cpu'" in r.output
     r = CliRunner().invoke(export_command, ["--out", str(tmp_path / "o"), "--model", "m", "--variant", "dit4sr_r1",
                                             "--precision", "W4A6", "--method", "rtn", "--segments", "3",
                                             "--calib-count", "5", "--seed", "7", "--batch-max", "8",

@@ -2,10 +2,13 @@
 torch quantized pipeline."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
+from qdit4sr.calibration.cpu_weights import cpu_reference_
 from qdit4sr.calibration.qlinear import segment_scope
 from qdit4sr.engines import runtime
 from qdit4sr.engines.runtime import OrtTransformer, SegmentedRunner, get_backend, load_exported_pipeline
@@ -26,41 +29,83 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """W4A4 H-SVD with two timestep segments, exported (portable) with its manifest."""
+    """W4A4 H-SVD with two timestep segments, exported (portable and cpu) with its manifest."""
     q = quantized_micro("qdit4sr", "w4a4", rank=8, num_segments=2, seed=1)
     folder = tmp_path_factory.mktemp("runtime") / "export"
-    export_micro(q, folder)
+    export_micro(q, folder, flavour=("portable", "cpu"))
     return q, folder
+
+
+@pytest.fixture(scope="module")
+def cpu_pipeline(exported):
+    """The torch pipeline of the cpu graphs: the same model with its residues in the cpu layout."""
+    q, _ = exported
+    pipe = copy.deepcopy(q.pipeline)
+    cpu_reference_(pipe.transformer)
+    return pipe
 
 
 def _image(side: int, seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).random((side, side, 3)) * 255).astype(np.uint8)
 
 
-def test_exported_pipeline_reproduces_the_torch_pipeline(exported):
+@pytest.mark.parametrize("flavour", ["portable", "cpu"])
+def test_exported_pipeline_reproduces_the_torch_pipeline(exported, cpu_pipeline, flavour):
     """8x8 LR -> 32x32 output: a 16x16 latent in 3x3 overlapping tiles of 8, 4 steps over 2 segments.
 
-    The graphs agree with the torch model to ~1e-6 relative per call; after the sampler and the uint8
-    rounding that leaves identical pixels, except where a value lands on a rounding boundary (of the
-    uint8 conversion, or of an activation Q/DQ tie): such a pixel may differ by 1.
+    The graphs agree with the torch model of their flavour to ~1e-6 relative per call (the cpu graphs:
+    fused integer matmuls, whose integer sums are exact); after the sampler and the uint8 rounding that
+    leaves identical pixels, except where a value lands on a rounding boundary (of the uint8
+    conversion, or of an activation Q/DQ tie): such a pixel may differ by 1.
     """
     q, folder = exported
     assert len(q.plan.segments) == 2
-    pipe = load_exported_pipeline(folder, intra_op_num_threads=1)
+    pipe = load_exported_pipeline(folder, flavour=flavour, intra_op_num_threads=1)
     assert isinstance(pipe.transformer, OrtTransformer) and pipe.config == PIPE
+    assert pipe.transformer.runner.backend.flavour == flavour
+    torch_pipe = q.pipeline if flavour == "portable" else cpu_pipeline
     image = _image(8)
-    ref = q.pipeline.upscale(image, seed=3)
+    ref = torch_pipe.upscale(image, seed=3)
     got = pipe.upscale(image, seed=3)
     assert got.shape == ref.shape == (32, 32, 3) and got.dtype == np.uint8
     diff = np.abs(got.astype(int) - ref.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, (diff.max(), (diff > 0).mean())
     # Sanity: the quantized model's output is far from a trivial one (the comparison can fail).
-    assert np.abs(ref.astype(int) - q.pipeline.upscale(image, seed=4).astype(int)).max() > 10
+    assert np.abs(ref.astype(int) - torch_pipe.upscale(image, seed=4).astype(int)).max() > 10
+
+
+def test_cpu_flavour_is_the_default_and_stays_close_to_the_portable_model(exported, cpu_pipeline):
+    """With no flavour named the runner takes the cpu graphs; their image differs from the portable
+    model's only by the re-expressed weights (a few grey levels at most on this micro model)."""
+    q, folder = exported
+    assert SegmentedRunner(folder, check_hashes=False, intra_op_num_threads=1).backend.flavour == "cpu"
+    image = _image(8)
+    diff = np.abs(cpu_pipeline.upscale(image, seed=3).astype(int) - q.pipeline.upscale(image, seed=3).astype(int))
+    assert 0 < diff.max() <= 8, diff.max()
+
+
+def test_default_flavour_order(monkeypatch):
+    class Seg:
+        def __init__(self, engine):
+            self.engine = engine
+
+    class Folder:
+        def __init__(self, flavours, engines=False):
+            self.flavours, self.segments = flavours, [Seg("e" if engines else None)]
+
+    assert runtime.default_flavour(Folder(["portable", "trt", "cpu"])) == "cpu"
+    assert runtime.default_flavour(Folder(["portable", "trt"], engines=True)) == "portable"  # no TensorRT here
+    with pytest.raises(ValueError, match="export the cpu or portable flavour"):
+        runtime.default_flavour(Folder(["trt"]))
+    from qdit4sr.engines import build
+
+    monkeypatch.setattr(build, "tensorrt_status", lambda: (True, ""))
+    assert runtime.default_flavour(Folder(["portable", "trt", "cpu"], engines=True)) == "trt"
 
 
 def test_runner_picks_the_segment_of_each_step(exported):
     q, folder = exported
-    runner = SegmentedRunner(folder, intra_op_num_threads=1)
+    runner = SegmentedRunner(folder, flavour="portable", intra_op_num_threads=1)
     assert [runner.segment_of_step(i) for i in range(runner.num_steps)] == q.plan.segment_of_step()
     inputs = micro_inputs(MICRO_CONFIG, batch=2, size=TILE, tokens=TOKENS, seed=5)
     for step in range(runner.num_steps):
@@ -84,7 +129,8 @@ def test_runner_picks_the_segment_of_each_step(exported):
 
 def test_transformer_adapter_needs_the_step_when_segmented(exported):
     _, folder = exported
-    transformer = OrtTransformer(SegmentedRunner(folder, check_hashes=False, intra_op_num_threads=1))
+    transformer = OrtTransformer(SegmentedRunner(folder, flavour="portable", check_hashes=False,
+                                                 intra_op_num_threads=1))
     assert transformer.eval() is transformer and transformer.config.patch_size == MICRO_CONFIG["patch_size"]
     with pytest.raises(RuntimeError, match="several timestep segments"):
         transformer(*micro_inputs(MICRO_CONFIG, batch=1, size=TILE, tokens=TOKENS))
