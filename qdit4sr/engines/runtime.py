@@ -104,7 +104,9 @@ class SegmentedRunner:
     def __init__(self, folder: str | Path, flavour: Flavour | str = Flavour.PORTABLE,
                  providers: list[str] | None = None, check_hashes: bool = True, **backend_options):
         self.folder = Path(folder)
-        self.manifest = Manifest.load(self.folder, check_hashes=check_hashes)
+        # Only the files this flavour's runtime reads must be there: a folder stripped of the other
+        # flavour's graphs still runs, and everything it does read is checked in full.
+        self.manifest = Manifest.load(self.folder, check_hashes=check_hashes, flavours=(flavour,))
         factory = get_backend(flavour)
         if providers is not None:
             backend_options["providers"] = providers
