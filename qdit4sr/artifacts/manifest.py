@@ -4,7 +4,8 @@ It names the model (hash of the full-precision transformer), the precision and b
 settings, the latent codec, the prompt embeddings, and per timestep segment the graph files of each
 flavour (and the TensorRT engine once built), all with sha256 digests. `Manifest.load` refuses a
 folder whose files are missing or changed, whose version is unknown, or whose segments do not cover
-the sampler steps contiguously, with a `ManifestError` that names the problem.
+the sampler steps contiguously, with a `ManifestError` that names the problem. A runtime asks only for
+its own flavour's files (`flavours=`), so a folder without the other flavour's graphs still runs.
 
 The exporter writes the folder (`qdit4sr.exporter.manifest_writer`); runtimes only read it.
 """
@@ -13,10 +14,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..calibration.plan import BitPlan, step_to_segment
 from ..fileio import atomic_write_text, sha256_file
+from .flavour import ENGINE_FLAVOUR, Flavour
 
 if TYPE_CHECKING:  # the sampler and codec classes pull in diffusers: imported when first used
     from ..models.pipeline import PipelineConfig
@@ -174,19 +176,35 @@ class Manifest:
             raise ManifestError(f"manifest has malformed fields: {e!r}") from e
 
     @classmethod
-    def load(cls, folder: str | Path, check_hashes: bool = True) -> "Manifest":
-        """Read and validate `folder/manifest.json` against the files beside it."""
+    def load(cls, folder: str | Path, check_hashes: bool = True,
+             flavours: Iterable[Flavour | str] | None = None) -> "Manifest":
+        """Read and validate `folder/manifest.json` against the files beside it.
+
+        `flavours` limits the graph files checked to those a runtime of these flavours reads (the
+        engines belong to the engine flavour); None checks every file the manifest names. The files
+        every flavour uses (plan, shared weights, prompt) are always checked.
+        """
         folder = Path(folder)
         path = folder / MANIFEST_FILE
         if not path.is_file():
             raise ManifestError(f"no {MANIFEST_FILE} in {folder}")
         manifest = cls.from_json(path.read_text())
-        manifest.validate(folder, check_hashes)
+        manifest.validate(folder, check_hashes, flavours)
         return manifest
 
     # -- validation ------------------------------------------------------------------------------
-    def validate(self, folder: Path, check_hashes: bool = True) -> None:
+    def validate(self, folder: Path, check_hashes: bool = True,
+                 flavours: Iterable[Flavour | str] | None = None) -> None:
+        """Raise ManifestError unless the manifest is consistent and the files it names for `flavours`
+        (all of them when None) are in place, with the recorded sizes and, when check_hashes, digests."""
         self._validate_segments()
+        if flavours is None:
+            used = set(self.flavours)
+        else:
+            used = {str(Flavour.parse(f)) for f in flavours}
+            if not used <= set(self.flavours):
+                raise ManifestError(f"the folder has no {', '.join(sorted(used - set(self.flavours)))} graphs "
+                                    f"(it has {', '.join(self.flavours)})")
         self._validate_settings()
         self.plan.verify(folder, "bit plan", check_hashes)
         if self.shared_weights is not None:
@@ -195,8 +213,9 @@ class Manifest:
             self.prompt_embeds.verify(folder, "prompt embeddings", check_hashes)
         for seg in self.segments:
             for flavour, ref in seg.graphs.items():
-                ref.verify(folder, f"segment {seg.index} {flavour} graph", check_hashes)
-            if seg.engine is not None:
+                if flavour in used:
+                    ref.verify(folder, f"segment {seg.index} {flavour} graph", check_hashes)
+            if seg.engine is not None and (flavours is None or str(ENGINE_FLAVOUR) in used):
                 seg.engine.verify(folder, f"segment {seg.index} engine", check_hashes)
         plan = BitPlan.load(self.plan.resolve(folder)) if check_hashes else None
         if plan is not None and [list(s) for s in plan.segments] != [s.steps for s in self.segments]:

@@ -1,10 +1,12 @@
 """Command-line tools of the engines package.
 
     qdit4sr-profile ENGINES_DIR [--run] [--iterations N] [--batch B]
-        prints (and with --run executes) one trtexec profiling command per segment engine; a folder
-        with graphs but no engines gets the build commands instead. Exit codes: 0 printed / all runs
-        passed, 1 some trtexec run failed, 2 nothing to profile (missing folder or manifest, no engines,
-        trtexec not on PATH for --run): the reason is one line on stderr.
+        prints (and with --run executes) one trtexec profiling command per segment engine. A folder
+        with graphs but no engines (what qdit4sr-export writes without TensorRT) gets the commands
+        that build them instead, under a note saying so, and exit code 0. Exit codes: 0 printed / all
+        runs passed, 1 some trtexec run failed, 2 nothing usable (missing folder or manifest, neither
+        engines nor trt graphs, --run without engines or without trtexec on PATH): the reason is one
+        line on stderr.
 
     qdit4sr-build-engines FOLDER [options]
         builds the segment engines (needs TensorRT, triton and a CUDA device; exit code 2 and the
@@ -44,15 +46,14 @@ def profile_command(ctx: click.Context, engines_dir: Path, run_: bool, iteration
     except ProfileError as e:
         _fail(ctx, str(e))
         return
-    if plan.kind == "graphs":
-        # Nothing to profile: say so on stderr, and print how to build the engines.
-        click.echo(f"error: no TensorRT engines in {engines_dir}; build commands follow", err=True)
-        for line in plan.lines():
-            click.echo(line)
-        ctx.exit(2)
-        return
     for line in plan.lines():
         click.echo(line)
+    if plan.kind == "graphs":
+        # No engines yet: the lines printed are the build commands, which is the answer, not an error,
+        # unless --run asked to profile something.
+        if run_:
+            _fail(ctx, f"no TensorRT engines in {engines_dir} to run; build them with the commands above")
+        return
     if run_:
         try:
             failed = run_plan(plan, echo=click.echo)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ..artifacts.manifest import MANIFEST_FILE
 from .common import CONTEXT_SETTINGS, fail, first_line
 from .options import (CALIBRATION_OPTIONS, ENGINE_BUILD_OPTIONS, EXPORT_OPTIONS, MODEL_OPTIONS, QUANTIZATION_OPTIONS,
                       GroupedCommand)
@@ -52,11 +53,15 @@ def export_command(out: Path, seed: int, force: bool, **options):
         plan = stages.quantize(pipe, stats, settings, out, log)
         manifest = stages.export(pipe, plan, settings, out, model_hash, log)
         stages.build_trt_engines(settings, out, log)
-        crops = stages.comparison_crops(settings, pipe, log)
-        summary = stages.run_summary(out, plan, manifest, log, fp16_bytes)
+        crops = stages.comparison_crops(settings, pipe, out, model_hash, log)
+        summary = stages.run_summary(out, plan, manifest, log, fp16_bytes, crops)
         stages.write_run_report(out, plan, stats, crops, {"skipped": list(log.skipped), **summary})
     except KeyboardInterrupt:
         fail(f"interrupted; finished stages stay cached in {out} and a rerun resumes from there", 130)
     except (stages.ExportError, CheckpointError, ManifestError, ValueError, OSError) as e:
         fail(first_line(e))
-    click.echo("\n".join(_summary_lines(summary, log.skipped)))
+    for note in log.notes:
+        click.echo(f"warning: {note}", err=True)
+    # The paths are printed here only: the report itself names no folder (exports stay byte-identical).
+    paths = {"manifest": str(out / MANIFEST_FILE), "report": str(out / "report" / "report.md")}
+    click.echo("\n".join(_summary_lines({**summary, **paths}, log.skipped)))

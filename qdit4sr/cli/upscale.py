@@ -1,12 +1,62 @@
-"""`qdit4sr-upscale`: super-resolve an image x4 with a folder written by qdit4sr-export."""
+"""`qdit4sr-upscale`: super-resolve an image x4 with a folder written by qdit4sr-export.
+
+Before any denoising it reads the image (transparency composited on white, 16-bit greyscale scaled to
+8 bits, each said on stderr), checks that the output can be written, loads the folder (only the chosen
+flavour's files need to be there) and prints what the run will cost: sampler steps x latent tiles. A
+progress bar over those tiles goes to stderr (--no-progress turns it off), and after the first step an
+estimate of the time left.
+"""
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import click
 
 from ..artifacts.flavour import Flavour
 from .common import CONTEXT_SETTINGS, fail, first_line
+
+
+def check_writable(output: Path) -> None:
+    """Fail (one line naming `output`) unless a file can be created where `output` goes."""
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        fail(f"cannot write {output}: {e.strerror or e}")
+
+
+class _Progress:
+    """The tile progress bar, and after the first sampler step an estimate of the time left."""
+
+    def __init__(self, work, enabled: bool):
+        from tqdm import tqdm
+
+        self.work = work
+        self.bar = tqdm(total=work.tile_passes, unit="tile", desc="denoising", file=sys.stderr, disable=not enabled,
+                        dynamic_ncols=True)
+        self.started = time.perf_counter()
+
+    def on_tiles(self, count: int) -> None:
+        self.bar.update(count)
+
+    def on_step(self, index: int, timestep: float) -> None:
+        if index == 0:
+            self.started = time.perf_counter()
+        elif index == 1:
+            first = time.perf_counter() - self.started
+            left = self.work.steps - 1
+            self.bar.write(f"first step took {first:.1f} s; about {first * left:.0f} s more for the other {left} "
+                           f"step(s)", file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -19,31 +69,48 @@ from .common import CONTEXT_SETTINGS, fail, first_line
                    "the TensorRT engines. [default: trt where the folder has engines and TensorRT runs here, else "
                    "cpu when the folder has it, else portable]")
 @click.option("--seed", type=int, default=0, show_default=True)
-def upscale_command(image, engines, output, flavour, seed):
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bar over the denoised tiles on stderr.")
+def upscale_command(image, engines, output, flavour, seed, progress):
     """Super-resolve IMAGE x4 with an exported folder."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
     from ..artifacts.manifest import ManifestError
     from ..engines.runtime import load_exported_pipeline
     from ..fileio import atomic_write
+    from ..models.images import read_image_rgb8
 
     if not image.is_file():
         fail(f"image {image} does not exist")
     try:
-        with Image.open(image) as im:
-            if im.mode not in ("RGB", "RGBA", "L"):
-                fail(f"image mode {im.mode} is not supported; use RGB or greyscale")
-            lr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        fail(f"{image} is not a readable image ({e})")
+        lr, notes = read_image_rgb8(image)
+    except ValueError as e:
+        fail(first_line(e))
+    for note in notes:
+        click.echo(f"warning: {image}: {note}", err=True)
+    check_writable(output)
     try:
         pipe = load_exported_pipeline(engines, flavour=flavour)
+        work = pipe.upscale_work(lr.shape)
+    except (ManifestError, ValueError, OSError, RuntimeError) as e:
+        fail(first_line(e))
+    click.echo(f"{image.name}: {work.input_size[0]}x{work.input_size[1]} -> {work.output_size[0]}x"
+               f"{work.output_size[1]}: {work.steps} sampler steps x {work.tiles} latent tile(s) of {work.tile_size}x"
+               f"{work.tile_size} = {work.tile_passes} tile passes in {work.transformer_calls} {flavour} transformer "
+               f"call(s){' with guidance (2x batch)' if work.cfg else ''}", err=True)
+    bar = _Progress(work, progress)
+    pipe.tile_callbacks.append(bar.on_tiles)
+    pipe.step_callbacks.append(bar.on_step)
+    try:
         sr = pipe.upscale(lr, seed=seed)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(output, lambda tmp: Image.fromarray(sr).save(tmp, format="PNG"))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
     except (ManifestError, ValueError, OSError, RuntimeError) as e:
         fail(first_line(e))
+    finally:
+        bar.close()
+    try:
+        from PIL import Image
+
+        atomic_write(output, lambda tmp: Image.fromarray(sr).save(tmp, format="PNG"))
+    except OSError as e:
+        fail(f"cannot write {output}: {e.strerror or e}")
     click.echo(f"wrote {output} ({sr.shape[1]}x{sr.shape[0]})")

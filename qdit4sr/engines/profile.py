@@ -14,9 +14,10 @@ the engines are built with AOT plugins, whose PTX is serialized into the engine.
 JIT Python plugins cannot run in trtexec at all: ``--dynamicPlugins`` loads C++ shared libraries,
 and Python plugins have none. They must be rebuilt with AOT plugin nodes, ``aot=1``.)
 
-A folder with graphs but no engines gets the ``trtexec --onnx=... --stronglyTyped ...`` build lines
-instead, with the caveat that graphs holding qdit4sr plugin nodes need the Python builder (or a C++
-IPluginV3 library passed with ``--dynamicPlugins``).
+A folder with graphs but no engines gets the build commands instead: ``qdit4sr-build-engines <folder>``
+(absolute, so it runs from anywhere) and the ``trtexec --onnx=... --stronglyTyped ...`` lines (run
+from inside the folder), with the caveat that graphs holding qdit4sr plugin nodes need the Python
+builder (or a C++ IPluginV3 library passed with ``--dynamicPlugins``).
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ from ..checks import check_int
 from .build import DEFAULT_TIMING_CACHE, EngineBuildConfig, InputSpec, network_inputs, optimization_profile_shapes
 
 __all__ = ["TRTEXEC", "ProfileError", "ProfilePlan", "trtexec_shapes", "profile_file_name",
-           "trtexec_profile_command", "trtexec_build_command", "plan_profile", "run_plan"]
+           "trtexec_profile_command", "trtexec_build_command", "build_engines_command", "plan_profile", "run_plan"]
 
 TRTEXEC = "trtexec"
+BUILD_ENGINES = "qdit4sr-build-engines"   # the console script of qdit4sr.cli.engines.build_engines_command
 DEFAULT_ITERATIONS = 100
 
 
@@ -77,6 +79,11 @@ def trtexec_build_command(graph: str, engine: str, inputs: Sequence[InputSpec], 
     if timing_cache:
         command.append(f"--timingCacheFile={timing_cache}")
     return command + [f"--saveEngine={engine}"]
+
+
+def build_engines_command(folder: Path) -> list[str]:
+    """The console command that builds the engines of ``folder`` (absolute, so it runs from any folder)."""
+    return [BUILD_ENGINES, str(Path(folder).resolve())]
 
 
 def _plugin_nodes(graph: Path) -> tuple[set[str], bool]:
@@ -155,21 +162,26 @@ def plan_profile(folder: str | Path, batch: int | None = None, iterations: int =
     if not graphs:
         raise ProfileError(f"{folder} has no TensorRT engines and no {ENGINE_FLAVOUR.value!r} graphs to build them "
                            f"from (flavours: {manifest.flavours}); re-export with --flavour {ENGINE_FLAVOUR}")
+    # The builder command names the folder absolutely, so it works from anywhere; the trtexec lines use
+    # the manifest's relative file names and must run inside the folder, as the last note says.
     plan = ProfilePlan(folder, "graphs", notes=[
-        f"no TensorRT engines in {folder} (the manifest lists none); build them first. Build commands, {where}:"])
+        f"no TensorRT engines in {folder} yet (the manifest lists none): nothing to profile. Build them first "
+        f"(TensorRT, triton and a CUDA GPU needed), then run qdit4sr-profile again:",
+        f"  {shlex.join(build_engines_command(folder))}"])
     ops, all_aot = _plugin_nodes(folder / graphs[0][1])
     if ops:
         from ..plugins import contract
 
         plan.notes += [
             f"the graphs contain {contract.DOMAIN} plugin nodes ({', '.join(sorted(ops))}): trtexec cannot load "
-            f"Python plugins (--dynamicPlugins takes a C++ shared library), so build with the Python builder, "
-            f"which compiles them into the engines: qdit4sr-build-engines {shlex.quote(str(folder))}",
+            f"Python plugins (--dynamicPlugins takes a C++ shared library), so the command above, TensorRT's "
+            f"Python builder, is the one that compiles them into the engines",
             "the trtexec lines below need an IPluginV3 library implementing docs/plugin_contract.md, "
             "passed as --dynamicPlugins=<lib>"]
         if not all_aot:
             plan.notes.append("some plugin nodes lack aot=1: their engines would embed JIT Python plugins and could "
                               "not run in trtexec or C++")
+    plan.notes.append(f"or with trtexec, {where}:")
     cache = config.timing_cache_path or DEFAULT_TIMING_CACHE
     for index, graph in graphs:
         plan.commands.append(trtexec_build_command(graph, engine_file_name(index), inputs, config, cache))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..artifacts.flavour import Flavour
-from ..artifacts.manifest import Manifest, load_codec_spec
+from ..artifacts.manifest import MANIFEST_FILE, Manifest, ManifestError, load_codec_spec
 from ..models.pipeline import DiT4SRPipeline, PromptEmbeddings
 from ..models.step_context import current_step
 from .ort_options import session_options
@@ -112,6 +112,14 @@ def default_flavour(manifest: Manifest) -> Flavour:
 
 # ----------------------------------------------------------------------------- runner
 
+def _unvalidated_manifest(folder: Path) -> Manifest:
+    """The manifest as written, only to choose a flavour; the runner then validates what that flavour reads."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_FILE} in {folder}")
+    return Manifest.from_json(path.read_text())
+
+
 class SegmentedRunner:
     """Loads a validated exported folder and runs the segment that owns each sampler step."""
 
@@ -120,9 +128,14 @@ class SegmentedRunner:
                  manifest: Manifest | None = None, backend: SegmentBackend | None = None, **backend_options):
         self.folder = Path(folder)
         # A caller that validated the manifest its own way and runs the segments elsewhere (a serving
-        # model whose graphs live in other models) passes both in; otherwise the folder is validated
-        # against its manifest and the flavour's backend is built here.
-        self.manifest = manifest if manifest is not None else Manifest.load(self.folder, check_hashes=check_hashes)
+        # model whose graphs live in other models) passes both in. Otherwise only the files this
+        # flavour's runtime reads must be there: a folder stripped of another flavour's graphs still
+        # runs, and everything it does read is checked in full.
+        if manifest is None:
+            if flavour is None:
+                flavour = default_flavour(_unvalidated_manifest(self.folder))
+            manifest = Manifest.load(self.folder, check_hashes=check_hashes, flavours=(flavour,))
+        self.manifest = manifest
         self.flavour = default_flavour(self.manifest) if flavour is None else flavour
         if backend is None:
             if providers is not None:

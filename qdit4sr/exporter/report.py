@@ -65,6 +65,10 @@ FIGURES: dict[str, ReportFigure] = {
         "output."),
 }
 
+_STATIC_BIT_GRID_CAPTION = (
+    "Each row is a layer and each column a sampler step; without timestep-dependent activation bits every row "
+    "keeps one colour across the steps, and the narrow column on the right gives each layer's weight bits.")
+
 _OMITTED = {"act_variance": "no activation statistics were given", "comparison": "no image crops were given"}
 
 
@@ -302,16 +306,47 @@ def _segment_rows(plan: BitPlan) -> list[tuple]:
     return rows
 
 
-def _markdown(plan: BitPlan, summary: dict, figures: dict[str, bool]) -> str:
+QUALITY_PAIRS = (("quantized", "FP"), ("quantized", "HR"), ("FP", "HR"), ("bicubic", "HR"))
+
+
+def quality_rows(crops: dict[str, np.ndarray] | None) -> list[tuple[str, str, str]]:
+    """(image, reference, PSNR) for each pair of QUALITY_PAIRS that the crops hold."""
+    from ..models.images import psnr
+
+    if not crops:
+        return []
+    return [(a, b, f"{psnr(np.asarray(crops[a]), np.asarray(crops[b])):.2f} dB") for a, b in QUALITY_PAIRS
+            if a in crops and b in crops and np.shape(crops[a]) == np.shape(crops[b])]
+
+
+def _segments_text(plan: BitPlan) -> str:
+    k, n, layers = len(plan.segments), plan.num_steps, len(plan.layers)
+    if plan.config.act_bits == 16:
+        return (f"{k} segment(s) over {n} sampler steps. Activations stay in full precision (A16), so no bits "
+                f"change with the timestep: every segment's graph computes the same function.")
+    if not plan.config.use_temporal:
+        return (f"{k} segment(s) over {n} sampler steps. Timestep-dependent activation bits (VaTMP) are off in "
+                f"this method: every layer keeps A{plan.config.act_bits:g} in every segment, and the segments differ "
+                f"only in their static activation scales.")
+    return (f"{k} segment(s) over {n} sampler steps; activation bits are per layer and segment (VaTMP; mean over "
+            f"{layers} layers, and how many layers got each width).")
+
+
+def _markdown(plan: BitPlan, summary: dict, figures: dict[str, bool],
+              crops: dict[str, np.ndarray] | None = None) -> str:
     precision = f"W{plan.config.weight_bits:g}A{plan.config.act_bits:g}"
     lines = [f"# Q-DiT4SR quantization report: {precision}", ""]
     rows = [(str(k), v) for k, v in summary.items() if k != "skipped"]
     summary_table = _table(("quantity", "value"), rows) if rows else ["(no summary values given)"]
     lines += ["## Summary", ""] + summary_table + [""]
 
-    lines += ["## Timestep segments", "",
-              f"{len(plan.segments)} segment(s) over {plan.num_steps} sampler steps; activation bits are per "
-              f"layer and segment (mean over {len(plan.layers)} layers, and how many layers got each width).", ""]
+    quality = quality_rows(crops)
+    if quality:
+        lines += ["## Quality on the comparison crop", "",
+                  "PSNR between the crops of the comparison figure (same seed for FP and quantized):", ""]
+        lines += _table(("image", "against", "PSNR"), quality) + [""]
+
+    lines += ["## Timestep segments", "", _segments_text(plan), ""]
     lines += _table(("segment", "sampler steps", "timesteps", "mean act bits", "layers per act bits"),
                     _segment_rows(plan)) + [""]
     if plan.softmax:
@@ -326,7 +361,8 @@ def _markdown(plan: BitPlan, summary: dict, figures: dict[str, bool]) -> str:
         lines.append(f"### {fig.title}")
         lines.append("")
         if figures[key]:
-            lines += [f"![{fig.title}]({fig.filename})", "", fig.caption]
+            caption = fig.caption if key != "bit_grid" or plan.config.use_temporal else _STATIC_BIT_GRID_CAPTION
+            lines += [f"![{fig.title}]({fig.filename})", "", caption]
         else:
             lines.append(f"_Figure omitted: {_OMITTED[key]}._")
         lines.append("")
@@ -370,7 +406,7 @@ def write_report(out_dir: str | Path, plan: BitPlan, stats: ActivationStats | No
         else:
             _save(build(), path)
         produced[key] = build is not None
-    text = _markdown(plan, summary, produced)
+    text = _markdown(plan, summary, produced, crops)
     report = out / REPORT_FILE
     atomic_write_text(report, text)
     return report

@@ -4,6 +4,7 @@
                  --quantize---> quantized/bit_plan.json + quantized/weights.safetensors
                  --export-----> segment_kk.{portable,trt}.onnx + weights.bin + manifest.json
                  --engines----> segment_kk.plan (where TensorRT and a GPU exist)
+                 --crops------> comparison/crops.npz  (bicubic / FP / quantized upscales of a held-out photo)
                  --report-----> report/report.md + PNG plots
 
 A rerun with the same settings resumes from the last complete stage: every artifact is written
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from ..calibration.api import load_quantized_, quantize_, save_quantized
 from ..calibration.layers import example_inputs, used_linears
 from ..calibration.plan import BitPlan
 from ..calibration.stats import ActivationStats, CalibrationConfig, collect_activation_stats
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write, atomic_write_text
 from ..models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline
 from .settings import ExportSettings
 
@@ -43,6 +45,7 @@ class StageLog:
     done: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)      # warnings about the user's input, e.g. image conversions
 
 
 # -- output folder ---------------------------------------------------------------------------------
@@ -102,11 +105,11 @@ def load_pipeline(settings: ExportSettings) -> DiT4SRPipeline:
     return pipe
 
 
-def lr_crops_from_folder(folder: Path, lr_crop: int, count: int, seed: int) -> list[torch.Tensor]:
-    """Deterministic LR crops from the user's calibration images (RGB or greyscale, at least lr_crop wide)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ..models.images import to_tensor
+def lr_crops_from_folder(folder: Path, lr_crop: int, count: int, seed: int,
+                         notes: list[str] | None = None) -> list[torch.Tensor]:
+    """Deterministic LR crops from the user's calibration images (read as `models.images.read_image_rgb8`
+    does, each conversion noted in `notes`; at least lr_crop wide)."""
+    from ..models.images import read_image_rgb8, to_tensor
 
     if not folder.is_dir():
         raise ExportError(f"calibration image folder {folder} does not exist")
@@ -116,12 +119,11 @@ def lr_crops_from_folder(folder: Path, lr_crop: int, count: int, seed: int) -> l
     images = []
     for path in files:
         try:
-            with Image.open(path) as im:
-                if im.mode not in ("RGB", "RGBA", "L"):
-                    raise ExportError(f"{path.name}: image mode {im.mode} is not supported; use RGB or greyscale")
-                array = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise ExportError(f"{path.name}: not a readable image ({e})") from e
+            array, changes = read_image_rgb8(path)
+        except ValueError as e:
+            raise ExportError(f"{path.name}: {str(e).removeprefix(f'{path} ')}") from e
+        if notes is not None:
+            notes += [f"calibration image {path.name}: {c}" for c in changes]
         if min(array.shape[:2]) < lr_crop:
             raise ExportError(f"{path.name}: {array.shape[1]}x{array.shape[0]} is smaller than the "
                               f"{lr_crop}x{lr_crop} calibration crop")
@@ -152,7 +154,7 @@ def calibrate(pipe: DiT4SRPipeline, settings: ExportSettings, folder: Path, log:
     if settings.calibration.images:
         lr_crop = pipe.config.tile_size * pipe.codec.downsample // config.scale
         images = lr_crops_from_folder(Path(settings.calibration.images), lr_crop, settings.calibration.count,
-                                      settings.seed)
+                                      settings.seed, log.notes)
     stats = collect_activation_stats(pipe, layers, config, images=images)
     stats.save(stats_dir)
     log.done.append("calibration")
@@ -229,39 +231,150 @@ def folder_size(folder: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
 
 
-def run_summary(folder: Path, plan: BitPlan, manifest, log: StageLog, fp16_bytes: int) -> dict[str, str]:
-    """What the run produced, label -> value: printed at the end and put into the report."""
+def _times(reference: int, size: int) -> str:
+    """'1.80x smaller than' / '2.26x larger than': a size against the fp16 transformer, either way round."""
+    if size <= reference:
+        return f"{reference / max(size, 1):.2f}x smaller than"
+    return f"{size / max(reference, 1):.2f}x larger than"
+
+
+def weight_storage(plan: BitPlan) -> str:
+    """How the weight codes are stored: INT4 for <= 4 bits, INT8 containers for wider codes."""
+    bits = [int(b) for b in plan.weight_bits()]
+    narrow, wide = [b for b in bits if b <= 4], [b for b in bits if b > 4]
+    parts = []
+    if narrow:
+        parts.append(f"{len(narrow)} layer(s) as INT4 ({'/'.join(map(str, sorted(set(narrow))))}-bit codes)")
+    if wide:
+        padded = sorted(set(b for b in wide if b < 8))
+        text = f"{len(wide)} layer(s) as INT8 ({'/'.join(map(str, sorted(set(wide))))}-bit codes)"
+        if padded:
+            text += (f": {'/'.join(map(str, padded))}-bit codes take 8 bits each, the size of w8a8 "
+                     f"(TensorRT runs INT4 and INT8 weights only)")
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def activation_use(plan: BitPlan) -> str:
+    """What the activation bits are, and whether they change with the timestep (VaTMP) or not."""
+    config, k = plan.config, len(plan.segments)
+    if config.act_bits == 16:
+        return (f"full precision (A16): no activation or softmax quantization, so nothing depends on the timestep "
+                f"and the {k} segment graph(s) compute the same function")
+    if config.use_temporal:
+        return (f"per layer and timestep segment (VaTMP over {k} segment(s)), mean {plan.mean_act_bits():.2f} bits")
+    return (f"A{config.act_bits:g} in every layer and step: timestep-dependent bits (VaTMP) are off in this method; "
+            f"the {k} segment(s) differ only in their static scales")
+
+
+def run_summary(folder: Path, plan: BitPlan, manifest, log: StageLog, fp16_bytes: int,
+                crops: dict | None = None) -> dict[str, str]:
+    """What the run produced, label -> value: printed at the end and put into the report.
+
+    No row names the output folder, so two runs into different folders report the same text."""
     weight_bytes = folder_size(folder, WEIGHTS_FILE)
     graphs = sorted(folder.glob("segment_*.onnx"))
     graph_bytes = sum(p.stat().st_size for p in graphs)
     engines = sorted(p.name for p in folder.glob("*.plan"))
+    deployed = [folder / MANIFEST_FILE, *graphs, *(folder / name for name in engines)]
+    deployed += [r.resolve(folder) for r in (manifest.plan, manifest.shared_weights, manifest.prompt_embeds) if r]
+    deployed_bytes = sum(p.stat().st_size for p in set(deployed) if p.is_file())
+    whole_bytes = sum(p.stat().st_size for p in folder.rglob("*")
+                      if p.is_file() and "report" not in p.relative_to(folder).parts[:1])
+    mib = 2 ** 20
     rows = {
         "precision": f"{manifest.precision}  (mean weight bits {plan.mean_weight_bits():.2f}, "
                      f"mean activation bits {plan.mean_act_bits():.2f})",
+        "weight storage": weight_storage(plan),
+        "activations": activation_use(plan),
         "segments": f"{len(plan.segments)}: " + ", ".join(f"steps {a}-{b - 1}" for a, b in plan.segments),
-        "weights": f"{weight_bytes / 2**20:.2f} MiB in {WEIGHTS_FILE}, shared by every segment "
-                   f"(fp16 transformer {fp16_bytes / 2**20:.2f} MiB: {fp16_bytes / max(weight_bytes, 1):.2f}x smaller)",
-        "graphs": f"{len(graphs)} files, {graph_bytes / 2**20:.2f} MiB of graph structure",
-        "manifest": str(folder / MANIFEST_FILE),
+        "weights": f"{weight_bytes / mib:.2f} MiB in {WEIGHTS_FILE}, shared by every segment: "
+                   f"{_times(fp16_bytes, weight_bytes)} the fp16 transformer ({fp16_bytes / mib:.2f} MiB)",
+        "graphs": f"{len(graphs)} files, {graph_bytes / mib:.2f} MiB of graph structure",
+        "deployed files": f"{deployed_bytes / mib:.2f} MiB ({WEIGHTS_FILE}, graphs, engines, manifest, plan, "
+                          f"prompt): {_times(fp16_bytes, deployed_bytes)} the fp16 transformer",
+        "whole folder": f"{whole_bytes / mib:.2f} MiB with the stage caches (report/ not counted): "
+                        f"{_times(fp16_bytes, whole_bytes)} the fp16 transformer",
         "engines": ", ".join(engines) if engines else "none",
-        "report": str(folder / "report" / "report.md"),
     }
+    if crops is not None:
+        rows["quality"] = crop_quality(crops)
     if log.reused:
         rows["reused"] = f"{', '.join(log.reused)} (cached from an earlier run)"
     return rows
 
 
-def comparison_crops(settings: ExportSettings, quantized: DiT4SRPipeline, log: StageLog) -> dict | None:
-    """Bicubic / FP / quantized on one held-out photo; only for the embedded model (cheap there)."""
+def crop_quality(crops: dict) -> str:
+    from ..models.images import psnr
+
+    return (f"PSNR on the comparison crop: quantized vs FP {psnr(crops['quantized'], crops['FP']):.2f} dB, "
+            f"quantized vs HR {psnr(crops['quantized'], crops['HR']):.2f} dB "
+            f"(FP vs HR {psnr(crops['FP'], crops['HR']):.2f} dB, bicubic vs HR {psnr(crops['bicubic'], crops['HR']):.2f} dB)")
+
+
+# -- comparison crops -----------------------------------------------------------------------------------
+
+CROPS_FILE = "comparison/crops.npz"
+CROPS_VERSION = 1
+COMPARISON_PHOTO, COMPARISON_SIZE = "chelsea", 128   # a held-out photo, its HR centre crop
+
+
+def crops_key(folder: Path, settings: ExportSettings, model_hash: str, sampler: dict) -> str:
+    """Digest of everything the crops depend on: the FP model, the quantized weights and plan as cached in
+    `folder`, the seed, the photo and the sampler settings. Any change gives another key."""
+    import hashlib
+
+    from ..fileio import sha256_file
+
+    qdir = folder / "quantized"
+    record = {"version": CROPS_VERSION, "model_hash": model_hash, "seed": settings.seed, "sampler": sampler,
+              "photo": [COMPARISON_PHOTO, COMPARISON_SIZE], "variant": settings.model.variant,
+              "plan": sha256_file(qdir / "bit_plan.json"), "weights": sha256_file(qdir / "weights.safetensors")}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _load_crops(path: Path, key: str) -> dict | None:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["key"]) != key:
+                return None
+            return {name: data[name] for name in ("HR", "bicubic", "FP", "quantized")}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):   # missing or damaged: recompute
+        return None
+
+
+def comparison_crops(settings: ExportSettings, quantized: DiT4SRPipeline, folder: Path, model_hash: str,
+                     log: StageLog) -> dict | None:
+    """Bicubic / FP / quantized on one held-out photo; only for the embedded model (cheap there).
+
+    The two upscales are most of a resumed run's time, so they are cached in `folder/comparison/`
+    under a key of what they depend on (`crops_key`) and recomputed only when that changes."""
+    from dataclasses import asdict
+
     if settings.model.path is not None:
         log.skipped.append("report comparison crop (costly for a full-size model; run qdit4sr-upscale instead)")
         return None
+    path = folder / CROPS_FILE
+    key = crops_key(folder, settings, model_hash, asdict(quantized.config))
+    crops = _load_crops(path, key)
+    if crops is not None:
+        log.reused.append("comparison crops")
+        return crops
     from ..models.evaluate import bicubic_x4, held_out_set
 
-    image = held_out_set(128, names=("chelsea",))[0]
+    image = held_out_set(COMPARISON_SIZE, names=(COMPARISON_PHOTO,))[0]
     fp = load_pipeline(settings)
-    return {"HR": image.hr, "bicubic": bicubic_x4(image.lr), "FP": fp.upscale(image.lr, seed=settings.seed),
-            "quantized": quantized.upscale(image.lr, seed=settings.seed)}
+    crops = {"HR": image.hr, "bicubic": bicubic_x4(image.lr), "FP": fp.upscale(image.lr, seed=settings.seed),
+             "quantized": quantized.upscale(image.lr, seed=settings.seed)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:   # a file object: np.savez would append .npz to a name
+            np.savez(f, key=np.array(key), **crops)
+
+    atomic_write(path, save)
+    log.done.append("comparison crops")
+    return crops
 
 
 def write_run_report(folder: Path, plan: BitPlan, stats: ActivationStats, crops: dict | None, summary: dict) -> Path:

@@ -88,3 +88,56 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
 
     return float(structural_similarity(a, b, channel_axis=2, data_range=255))
+
+
+# -- reading the user's images ---------------------------------------------------------------------------
+
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
+WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+UNSUPPORTED_HINT = "use an 8-bit RGB or greyscale image (RGBA is composited on white, 16-bit greyscale scaled to 8 bits)"
+
+
+def to_rgb8(im) -> tuple[np.ndarray, list[str]]:
+    """A PIL image as RGB uint8 [H, W, 3], and one note for each conversion that changed what it shows.
+
+    RGB, greyscale (8-bit, 1-bit) and palette images convert as they are. Transparency (an alpha
+    channel, or a palette's transparent colour) is composited on white, with a note when any pixel is
+    not fully opaque. 16-bit greyscale is scaled to 8 bits (v * 255 / 65535, rounded), with a note.
+    Other modes (CMYK, YCbCr, 32-bit integer or float, ...) raise a one-line ValueError.
+    """
+    from PIL import Image
+
+    notes: list[str] = []
+    mode = im.mode
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in ("RGB", "L", "1", "P"):
+        return np.asarray(im.convert("RGB")), notes
+    if mode in WITH_ALPHA:
+        rgba = im.convert("RGBA")
+        alpha = np.asarray(rgba)[..., 3]
+        if alpha.min() < 255:
+            notes.append(f"{mode} image with transparency: composited on a white background "
+                         f"({int((alpha < 255).sum())} of {alpha.size} pixels were not fully opaque)")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB")), notes
+    if mode in SIXTEEN_BIT_GREY:
+        values = np.asarray(im).astype(np.float64)
+        grey = np.round(values * (255.0 / 65535.0)).astype(np.uint8)
+        notes.append("16-bit greyscale image: scaled to 8 bits (the model works on 8-bit RGB)")
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2)), notes
+    raise ValueError(f"image mode {mode} is not supported; {UNSUPPORTED_HINT}")
+
+
+def read_image_rgb8(path) -> tuple[np.ndarray, list[str]]:
+    """The image file at `path` as RGB uint8 [H, W, 3] and the conversion notes of `to_rgb8`.
+
+    Raises ValueError (one line) for a file that is not a readable image or has an unsupported mode.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return to_rgb8(im)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image ({e})") from e

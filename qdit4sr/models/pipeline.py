@@ -6,23 +6,30 @@ with (step_index, timestep) before each step, so calibration and quantized layer
 The initial noise comes from `qdit4sr.noise` (a portable generator, not torch.randn), and the bicubic
 resizes and the colour-fix statistics are computed in float64: the C++ runtime (serving/cpp)
 reproduces this sampler bit for bit on the exported graphs.
+
+`tile_callbacks` are called with the number of tiles each transformer call has just denoised (for a
+progress bar), and `upscale_work(shape)` says beforehand how many steps x tiles an upscale costs.
+
+Importing this module loads torch but not diffusers: the sampler's schedule is `flow_match`, and the
+transformer (diffusers' SD3 blocks) is imported only by `from_folder`, so running an exported folder
+never loads diffusers.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
 from ..noise import gaussian_noise
-from .images import resize_bicubic, to_tensor, to_uint8
+from .flow_match import FlowMatchEulerSchedule
+from .images import resize_bicubic, to_rgb8, to_tensor, to_uint8
 from .latents import load_codec
-from .loading import load_transformer
 from .step_context import step_scope
 from .tiling import gaussian_weights, tile_windows
 
@@ -75,6 +82,29 @@ class PromptEmbeddings:
                    t.get("negative_pooled_prompt_embeds"))
 
 
+@dataclass(frozen=True)
+class UpscaleWork:
+    """What one upscale costs, known before it runs."""
+
+    input_size: tuple[int, int]      # (width, height) of the LR image
+    output_size: tuple[int, int]     # (width, height) of the result
+    latent_size: tuple[int, int]     # (width, height) of the denoised latent
+    steps: int                       # sampler steps
+    tiles: int                       # latent tiles per step (1 when the latent fits one tile)
+    tile_size: int                   # latent pixels per tile side
+    tile_batch: int                  # tiles per transformer call
+    cfg: bool                        # classifier-free guidance doubles every call's batch
+
+    @property
+    def tile_passes(self) -> int:
+        """Tiles denoised in all (what the progress bar counts)."""
+        return self.steps * self.tiles
+
+    @property
+    def transformer_calls(self) -> int:
+        return self.steps * math.ceil(self.tiles / self.tile_batch)
+
+
 class DiT4SRPipeline:
     def __init__(self, transformer, codec, config: PipelineConfig, prompt: PromptEmbeddings | None = None):
         self.transformer = transformer.eval()
@@ -83,9 +113,12 @@ class DiT4SRPipeline:
         tc = transformer.config
         self.prompt = prompt or PromptEmbeddings.null(tc.joint_attention_dim, tc.pooled_projection_dim)
         self.step_callbacks: list[Callable[[int, float], None]] = []
+        self.tile_callbacks: list[Callable[[int], None]] = []
 
     @classmethod
     def from_folder(cls, path: str | Path, **config_overrides) -> "DiT4SRPipeline":
+        from .loading import load_transformer  # diffusers' blocks: loaded only when a torch model is
+
         folder = Path(path)
         transformer = load_transformer(folder, "transformer")
         codec = load_codec(folder)
@@ -97,10 +130,9 @@ class DiT4SRPipeline:
         return cls(transformer, codec, config, prompt)
 
     # -- sampling -----------------------------------------------------------------------------------
-    def make_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.config.shift)
-        scheduler.set_timesteps(self.config.num_inference_steps)
-        return scheduler
+    def make_scheduler(self) -> FlowMatchEulerSchedule:
+        """diffusers' FlowMatchEulerDiscreteScheduler(shift) after set_timesteps(steps), bit for bit."""
+        return FlowMatchEulerSchedule(self.config.num_inference_steps, shift=self.config.shift)
 
     def sampler_timesteps(self) -> list[float]:
         return [float(t) for t in self.make_scheduler().timesteps]
@@ -126,7 +158,9 @@ class DiT4SRPipeline:
         h, w = x.shape[-2:]
         cfg = self.config
         if not tiled or (h <= cfg.tile_size and w <= cfg.tile_size):
-            return self._velocity(x, lr, t)
+            v = self._velocity(x, lr, t)
+            self._tiles_done(1)
+            return v
         windows = tile_windows(h, w, cfg.tile_size, cfg.tile_overlap)
         out = torch.zeros_like(x)
         norm = torch.zeros(1, 1, h, w, dtype=x.dtype)
@@ -139,7 +173,12 @@ class DiT4SRPipeline:
                 weight = gaussian_weights(v.shape[-2], v.shape[-1]).to(x.dtype)
                 out[..., r, c] += v * weight
                 norm[..., r, c] += weight
+            self._tiles_done(len(chunk))
         return out / norm
+
+    def _tiles_done(self, count: int) -> None:
+        for callback in self.tile_callbacks:
+            callback(count)
 
     @torch.no_grad()
     def denoise(self, lr_latent: torch.Tensor, seed: int = 0, tiled: bool = True) -> torch.Tensor:
@@ -154,26 +193,41 @@ class DiT4SRPipeline:
                 callback(i, float(t))
             with step_scope(i):
                 v = self.predict_velocity(x, lr_latent, t.reshape(1).to(x.dtype), tiled=tiled)
-            x = scheduler.step(v, t, x).prev_sample
+            x = scheduler.step(v, i, x)
         return x
 
     # -- images -------------------------------------------------------------------------------------
     def _alignment(self) -> int:
         return self.codec.downsample * self.transformer.config.patch_size
 
+    def _geometry(self, h: int, w: int, scale: int) -> tuple[float, int, int, int, int]:
+        """(enlargement, working output height and width, bottom and right padding) for an h x w input."""
+        if min(h, w) < 8:
+            raise ValueError(f"image {w}x{h} is too small; both sides must be at least 8 pixels")
+        # Small inputs are enlarged first so the model sees at least its working resolution.
+        enlarge = max(1.0, self.config.min_lr_side / min(h, w))
+        out_h, out_w = round(h * enlarge) * scale, round(w * enlarge) * scale
+        a = self._alignment()
+        return enlarge, out_h, out_w, (-out_h) % a, (-out_w) % a
+
+    def upscale_work(self, shape: tuple[int, ...], scale: int = 4) -> UpscaleWork:
+        """The cost of `upscale` on an image of `shape` ([H, W] or [H, W, C]), without running it."""
+        h, w = shape[:2]
+        _, out_h, out_w, pad_h, pad_w = self._geometry(h, w, scale)
+        latent_h, latent_w = (out_h + pad_h) // self.codec.downsample, (out_w + pad_w) // self.codec.downsample
+        cfg = self.config
+        fits = latent_h <= cfg.tile_size and latent_w <= cfg.tile_size
+        tiles = 1 if fits else len(tile_windows(latent_h, latent_w, cfg.tile_size, cfg.tile_overlap))
+        return UpscaleWork((w, h), (w * scale, h * scale), (latent_w, latent_h), cfg.num_inference_steps, tiles,
+                           cfg.tile_size, 1 if fits else cfg.tile_batch, self._use_cfg())
+
     def upscale(self, image, scale: int = 4, seed: int = 0) -> np.ndarray:
         """RGB uint8 [H, W, 3] (or a PIL image) -> the x`scale` super-resolved uint8 image."""
         lr = _as_rgb_uint8(image)
         h, w = lr.shape[:2]
-        if min(h, w) < 8:
-            raise ValueError(f"image {w}x{h} is too small; both sides must be at least 8 pixels")
+        enlarge, out_h, out_w, pad_h, pad_w = self._geometry(h, w, scale)
         lr_t = to_tensor(lr)
-        # Small inputs are enlarged first so the model sees at least its working resolution.
-        enlarge = max(1.0, self.config.min_lr_side / min(h, w))
-        out_h, out_w = round(h * enlarge) * scale, round(w * enlarge) * scale
         cond = resize_bicubic(lr_t, out_h, out_w)
-        a = self._alignment()
-        pad_h, pad_w = (-out_h) % a, (-out_w) % a
         padded = torch.nn.functional.pad(cond, (0, pad_w, 0, pad_h), mode="replicate")
         lr_latent = self.codec.encode(padded)
         latent = self.denoise(lr_latent, seed)
@@ -203,18 +257,28 @@ def adain_color_fix(image: torch.Tensor, reference: torch.Tensor, eps: float = 1
 
 
 def _as_rgb_uint8(image) -> np.ndarray:
+    """RGB uint8 [H, W, 3] from a PIL image or an array ([H, W], [H, W, 3] or RGBA [H, W, 4]); what
+    `images.to_rgb8` changes on the way (transparency composited on white, 16 bits scaled to 8) is
+    said with a warning."""
+    array = np.asarray(image) if not hasattr(image, "convert") else None
+    if array is not None and array.ndim == 3 and array.shape[2] == 4 and array.dtype == np.uint8:
+        from PIL import Image
+
+        image = Image.fromarray(np.ascontiguousarray(array), "RGBA")
     if hasattr(image, "convert"):
-        if image.mode not in ("RGB", "RGBA", "L"):
-            raise ValueError(f"unsupported image mode {image.mode!r}; use RGB, RGBA or L")
-        image = np.asarray(image.convert("RGB"))
+        import warnings
+
+        image, notes = to_rgb8(image)
+        for note in notes:
+            warnings.warn(note, stacklevel=3)
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
+    if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {image.shape}")
     if image.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, got {image.dtype}")
-    return np.ascontiguousarray(image[..., :3])
+    return np.ascontiguousarray(image)
 
 
 def load_default_pipeline(**config_overrides) -> DiT4SRPipeline:

