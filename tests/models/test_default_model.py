@@ -21,7 +21,12 @@ def test_shipped_files_and_config(default_pipeline):
     assert set(training["train_photos"]) == set(TRAIN_PHOTOS)
 
 
+def test_held_out_set_is_wide_and_unseen():
+    assert len(HELD_OUT_PHOTOS) >= 6 and not set(HELD_OUT_PHOTOS) & set(TRAIN_PHOTOS)
+
+
 def test_beats_bicubic_on_held_out_photos(default_pipeline):
+    # The README's claim for the shipped sampler settings (seed 0): +0.5 dB on the mean, no photo below bicubic.
     images = held_out_set(128)
     gains = [psnr(default_pipeline.upscale(im.lr), im.hr) - psnr(bicubic_x4(im.lr), im.hr) for im in images]
-    assert np.mean(gains) > 0, gains
+    assert np.mean(gains) >= 0.5 and min(gains) >= 0, gains
