@@ -108,7 +108,7 @@ class HSVDConfig:
             raise ValueError(f"randomized_svd must be True, False or None, got {self.randomized_svd!r}")
         if not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not _is_int(self.split_points) or self.split_points < 0:
+        if not is_int(self.split_points) or self.split_points < 0:
             raise ValueError(f"split_points must be a non-negative integer, got {self.split_points!r}")
 
 
