@@ -4,8 +4,9 @@
 
 Rows: FP, then RTN, SVDQuant-style (global rank-r branch, uniform bits), H-SVD, H-SVD + VaSMP and the paper's
 full Q-DiT4SR, then the additions beyond the paper: H-SVD with its FP budget split per layer by the quantized
-error, that plus GPTQ error compensation of the residue, and the new full method (split + GPTQ + VaSMP +
-VaTMP), at W4A6 and W4A4; plus a global-only SVD given H-SVD's full-precision budget at W4A4. By default
+error, that plus GPTQ error compensation of the residue, split + GPTQ + VaSMP + VaTMP (with and without the
+activation clip search), and the new full method (split + activation-aware GPTQ + VaSMP + VaTMP), at W4A6
+and W4A4; plus a global-only SVD given H-SVD's full-precision budget at W4A4. By default
 the rank is the one `qdit4sr-export` uses for the model's width (same settings as the export). The activation
 statistics are collected once (on training-photo crops, never the held-out photos) and shared by every row,
 so rows differ only in the method. Columns: PSNR / SSIM against the HR photo (mean over images), PSNR
@@ -52,11 +53,10 @@ ABLATION = (("rtn", "rtn", "RTN", {}), ("svdquant", "svdquant", "SVDQuant-style"
             ("hsvd_vasmp", "hsvd_vasmp", "H-SVD + VaSMP", {}), ("qdit4sr", "qdit4sr", "Q-DiT4SR (paper, full)", {}),
             ("hsvd_split", "hsvd_split", "H-SVD, budget split", {}),
             ("hsvd_split_gptq", "hsvd_split_gptq", "H-SVD split + GPTQ", {}),
-            ("qdit4sr_plus", "qdit4sr_plus", "Q-DiT4SR+ (split + GPTQ + VaSMP + VaTMP)", {}),
-            ("plus_wclip", "qdit4sr_plus", "Q-DiT4SR+ + residue clip search", {"scale_search": True}),
-            ("plus_aclip", "qdit4sr_plus", "Q-DiT4SR+ + activation clip search", {"act_clip_search": True}),
-            ("plus_gptq_act", "qdit4sr_plus", "Q-DiT4SR+, GPTQ for activation noise",
-             {"error_compensation": "gptq_act"}))
+            ("plus_plain_gptq", "qdit4sr_plus", "split + GPTQ + VaSMP + VaTMP", {"error_compensation": "gptq"}),
+            ("plus_aclip", "qdit4sr_plus", "split + GPTQ + VaSMP + VaTMP + activation clip search",
+             {"error_compensation": "gptq", "act_clip_search": True}),
+            ("qdit4sr_plus", "qdit4sr_plus", "Q-DiT4SR+ (split + activation-aware GPTQ + VaSMP + VaTMP)", {}))
 FP16_BYTES = 2
 _START = time.perf_counter()
 

@@ -31,11 +31,12 @@ METHOD_PRESETS: dict[str, dict] = {
     "hsvd": dict(decomposition="hsvd", mixed_weight_bits=False, temporal_act_bits=False),
     "svdquant": dict(decomposition="svd", mixed_weight_bits=False, temporal_act_bits=False),
     "rtn": dict(decomposition="rtn", mixed_weight_bits=False, temporal_act_bits=False),
-    # Beyond the paper: the H-SVD budget split by the quantized error, then GPTQ on the residue.
+    # Beyond the paper: the H-SVD budget split by the quantized error, then GPTQ on the residue (in the full
+    # new method also accounting for the layer's own input quantization noise).
     "hsvd_split": dict(decomposition="hsvd_split", mixed_weight_bits=False, temporal_act_bits=False),
     "hsvd_split_gptq": dict(decomposition="hsvd_split", error_compensation="gptq", mixed_weight_bits=False,
                             temporal_act_bits=False),
-    "qdit4sr_plus": dict(decomposition="hsvd_split", error_compensation="gptq", mixed_weight_bits=True,
+    "qdit4sr_plus": dict(decomposition="hsvd_split", error_compensation="gptq_act", mixed_weight_bits=True,
                          temporal_act_bits=True),
 }
 

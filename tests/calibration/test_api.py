@@ -107,7 +107,7 @@ def test_beyond_paper_presets_stay_in_budget_and_help(calibrated):
     assert errors["hsvd_split_gptq"] < errors["hsvd_split"]
     # The full new method runs end to end and records its choices in the plan.
     err, plan, _ = _output_error(calibrated, QDiT4SRConfig.preset("qdit4sr_plus", "w4a4", num_segments=3))
-    assert plan.config.error_compensation == "gptq" and plan.config.decomposition == "hsvd_split"
+    assert plan.config.error_compensation == "gptq_act" and plan.config.decomposition == "hsvd_split"
     assert BitPlan.from_json(plan.to_json()).to_json() == plan.to_json()
     assert err < 0.5
 
