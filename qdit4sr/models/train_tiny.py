@@ -169,11 +169,9 @@ def train(config: TrainConfig, out: Path, progress: bool = True, init: Path | No
     out.mkdir(parents=True, exist_ok=True)
     save_transformer(ema, out, dtype=torch.float16)
     codec.save(out)
-    atomic_write_text(out / "pipeline.json", json.dumps(asdict(pipeline_config(config)), indent=2) + "
-")
+    atomic_write_text(out / "pipeline.json", json.dumps(asdict(pipeline_config(config)), indent=2) + "\n")
     meta = {"train": asdict(config), "init": None if init is None else str(init), "train_photos": list(TRAIN_PHOTOS),
             "seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
             "final_loss": float(loss.item())}
-    atomic_write_text(out / "training.json", json.dumps(meta, indent=2) + "
-")
+    atomic_write_text(out / "training.json", json.dumps(meta, indent=2) + "\n")
     return ema
