@@ -1,14 +1,17 @@
 """Image quality of the Q-DiT4SR ablation rows on the embedded tiny model and the held-out bundled photos.
 
-    python bench/eval_quality.py [--crop 128] [--out FILE] [--model DIR] [--threads 2]
+    python bench/eval_quality.py [--rank R] [--crop 128] [--out FILE] [--model DIR] [--threads 2]
 
-Rows: FP, then RTN, SVDQuant-style (global rank-r branch, uniform bits), H-SVD, H-SVD + VaSMP and the full
-Q-DiT4SR at W4A6 and W4A4, each precision followed by two rows for the `cpu` graph flavour (per-channel INT8
-weights onnxruntime runs as integer matmuls): option 1, the full Q-DiT4SR with its group-64 grid
-re-expressed per channel (the torch model of the cpu graphs, `cpu_reference_`), and option 2, Q-DiT4SR
-quantized per output channel with at most 7 weight bits (CPU_EXACT_CONFIG), whose portable and cpu graphs
-compute the same; plus a
-global-only SVD given H-SVD's full-precision budget at W4A4. The activation
+Rows: FP, then RTN, SVDQuant-style (global rank-r branch, uniform bits), H-SVD, H-SVD + VaSMP and the paper's
+full Q-DiT4SR, then the additions beyond the paper: H-SVD with its FP budget split per layer by the quantized
+error, that plus GPTQ error compensation of the residue, split + GPTQ + VaSMP + VaTMP (with and without the
+activation clip search), and the new full method (split + activation-aware GPTQ + VaSMP + VaTMP), at W4A6
+and W4A4; each precision followed by two rows for the `cpu` graph flavour (per-channel INT8 weights that
+onnxruntime runs as integer matmuls): option 1, the full Q-DiT4SR with its group-64 grid re-expressed per
+channel (the torch model of the cpu graphs, `cpu_reference_`), and option 2, Q-DiT4SR quantized per output
+channel with at most 7 weight bits (CPU_EXACT_CONFIG), whose portable and cpu graphs compute the same; plus
+a global-only SVD given H-SVD's full-precision budget at W4A4. By default the rank is the one
+`qdit4sr-export` uses for the model's width (same settings as the export). The activation
 statistics are collected once (on training-photo crops, never the held-out photos) and shared by every row,
 so rows differ only in the method. Columns: PSNR / SSIM against the HR photo (mean over images), PSNR
 against the FP model's output, mean weight bits (size-weighted), mean activation bits (over layers and
@@ -43,15 +46,22 @@ from qdit4sr.calibration.api import quantize_, quantized_layers
 from qdit4sr.calibration.cpu_weights import CPU_EXACT_CONFIG, cpu_reference_
 from qdit4sr.calibration.hsvd import HSVDConfig, equal_budget_svd_rank
 from qdit4sr.calibration.layers import example_inputs, used_linears
-from qdit4sr.calibration.plan import BitPlan, QDiT4SRConfig
+from qdit4sr.calibration.plan import BitPlan, QDiT4SRConfig, default_rank
 from qdit4sr.calibration.stats import ActivationStats, CalibrationConfig, collect_activation_stats
 from qdit4sr.models.evaluate import EvalImage, held_out_set
 from qdit4sr.models.images import psnr, ssim
 from qdit4sr.models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline
 
 PRECISIONS = ("w4a6", "w4a4")
-ABLATION = (("rtn", "RTN"), ("svdquant", "SVDQuant-style"), ("hsvd", "H-SVD"), ("hsvd_vasmp", "H-SVD + VaSMP"),
-            ("qdit4sr", "Q-DiT4SR (full)"))
+# (row key, preset, label, config overrides)
+ABLATION = (("rtn", "rtn", "RTN", {}), ("svdquant", "svdquant", "SVDQuant-style", {}), ("hsvd", "hsvd", "H-SVD", {}),
+            ("hsvd_vasmp", "hsvd_vasmp", "H-SVD + VaSMP", {}), ("qdit4sr", "qdit4sr", "Q-DiT4SR (paper, full)", {}),
+            ("hsvd_split", "hsvd_split", "H-SVD, budget split", {}),
+            ("hsvd_split_gptq", "hsvd_split_gptq", "H-SVD split + GPTQ", {}),
+            ("plus_plain_gptq", "qdit4sr_plus", "split + GPTQ + VaSMP + VaTMP", {"error_compensation": "gptq"}),
+            ("plus_aclip", "qdit4sr_plus", "split + GPTQ + VaSMP + VaTMP + activation clip search",
+             {"error_compensation": "gptq", "act_clip_search": True}),
+            ("qdit4sr_plus", "qdit4sr_plus", "Q-DiT4SR+ (split + activation-aware GPTQ + VaSMP + VaTMP)", {}))
 FP16_BYTES = 2
 _START = time.perf_counter()
 
@@ -122,8 +132,9 @@ def shared_decompositions():
 
     def split_weight(weight: torch.Tensor, config: QDiT4SRConfig):
         digest = hashlib.sha1(weight.detach().float().cpu().numpy().tobytes()).hexdigest()
+        # The budget split scores its candidates with the residue quantizer at the budget's bits.
         key = (digest, tuple(weight.shape), config.decomposition, config.rank, config.hadamard, config.group_size,
-               config.seed)
+               config.seed, round(config.weight_bits), config.scale_search, config.storage_dtype)
         if key not in cache:
             cache[key] = original(weight, config)
         residue, branches = cache[key]
@@ -206,17 +217,24 @@ def model_description(model_dir: Path) -> str:
               default=DEFAULT_MODEL_DIR, show_default="the embedded tiny model")
 @click.option("--crop", type=int, default=128, show_default=True, help="HR centre-crop side of each held-out photo.")
 @click.option("--calib-images", type=int, default=32, show_default=True, help="Calibration crops (training photos).")
-@click.option("--rank", type=int, default=32, show_default=True, help="Global branch rank of the SVD/H-SVD rows.")
+@click.option("--rank", type=int, default=None, show_default="qdit4sr-export's rank for the model width",
+              help="Global branch rank of the SVD/H-SVD rows.")
+@click.option("--methods", default=None, help="Comma-separated presets to run (default: every row).")
+@click.option("--precisions", default=",".join(PRECISIONS), show_default=True, help="Comma-separated precisions.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the table (markdown) to this file.")
-def main(model_dir: Path, crop: int, calib_images: int, rank: int, seed: int, threads: int, out: Path | None) -> None:
+def main(model_dir: Path, crop: int, calib_images: int, rank: int | None, methods: str | None, precisions: str,
+         seed: int, threads: int, out: Path | None) -> None:
     torch.set_num_threads(threads)
     seed_everything(seed)
     command = shlex.join(["python", "bench/eval_quality.py", *sys.argv[1:]])
 
     pipe = DiT4SRPipeline.from_folder(model_dir)
+    export_rank = default_rank(pipe.transformer.inner_dim)
+    rank = export_rank if rank is None else rank
+    ablation = ABLATION if methods is None else tuple(a for a in ABLATION if a[0] in methods.split(","))
     images = held_out_set(crop)
     log(f"model: {model_description(model_dir)}; {len(images)} held-out photos at {crop}px, "
         f"{pipe.config.num_inference_steps} sampler steps")
@@ -225,17 +243,18 @@ def main(model_dir: Path, crop: int, calib_images: int, rank: int, seed: int, th
     rows = [Row("FP", "FP16", **quality(fp, images, None), weight_bits=16.0, act_bits=16.0, segments=None,
                 size_bytes=fp16_size(layers))]
     log(f"FP: PSNR (HR) {rows[0].psnr_hr:.2f} dB")
-    stats = collect_activation_stats(pipe, layers, CalibrationConfig(num_images=calib_images, seed=seed),
+    stats = collect_activation_stats(pipe, layers, CalibrationConfig(num_images=calib_images, seed=seed, gram=True,
+                                                                         act_hist=True),
                                      progress=False)
     log(f"calibrated {len(stats.layers)} layers over {len(stats.timesteps)} steps on {calib_images} crops")
 
     plans: dict[tuple[str, str], BitPlan] = {}
     with shared_decompositions():
-        for precision in PRECISIONS:
-            for preset, label in ABLATION:
+        for precision in precisions.lower().split(","):
+            for key, preset, label, overrides in ablation:
                 method = f"{label} (rank {rank})" if preset == "svdquant" else label
-                config = QDiT4SRConfig.preset(preset, precision, rank=rank, seed=seed)
-                row, plans[preset, precision] = quantized_row(pipe, method, config, stats, images, fp, seed)
+                config = QDiT4SRConfig.preset(preset, precision, rank=rank, seed=seed, **overrides)
+                row, plans[key, precision] = quantized_row(pipe, method, config, stats, images, fp, seed)
                 rows.append(row)
             # The cpu flavour's two ways to per-channel INT8 weights.
             config = QDiT4SRConfig.preset("qdit4sr", precision, rank=rank, seed=seed)
@@ -246,22 +265,28 @@ def main(model_dir: Path, crop: int, calib_images: int, rank: int, seed: int, th
                                       cpu=True)[0])
 
         # The honest baseline: H-SVD spends extra FP parameters on its blocks; give a global-only SVD as many.
-        ranks = equal_budget_ranks(plans["hsvd", "w4a4"])
-        eq_rank = min(round(float(np.mean(ranks))), min(min(l.in_features, l.out_features)
-                                                        for l in plans["hsvd", "w4a4"].layers))
-        label = f"SVD, equal FP budget (rank {eq_rank})"
-        config = QDiT4SRConfig.preset("svdquant", "w4a4", rank=eq_rank, seed=seed)
-        row, _ = quantized_row(pipe, label, config, stats, images, fp, seed)
-        rows.append(row)
+        eq_note, label = None, None
+        if ("hsvd", "w4a4") in plans:
+            ranks = equal_budget_ranks(plans["hsvd", "w4a4"])
+            eq_rank = min(round(float(np.mean(ranks))), min(min(l.in_features, l.out_features)
+                                                            for l in plans["hsvd", "w4a4"].layers))
+            label = f"SVD, equal FP budget (rank {eq_rank})"
+            config = QDiT4SRConfig.preset("svdquant", "w4a4", rank=eq_rank, seed=seed)
+            row, _ = quantized_row(pipe, label, config, stats, images, fp, seed)
+            rows.append(row)
+            hsvd_size = next(r.size_bytes for r in rows if r.method == "H-SVD" and r.precision == "W4A4")
+            if min(ranks) == max(ranks):
+                eq_note = (f"global-only SVD at rank {eq_rank}, the rank whose FP parameters match H-SVD's (rank "
+                                     f"{rank} plus the block branch) in every layer.")
+            else:
+                eq_note = (f"the per-layer equal-budget ranks range from {min(ranks)} to {max(ranks)}, which one config "
+                           f"cannot express, so every layer uses their mean, rank {eq_rank}; its size is "
+                           f"{row.size_bytes / hsvd_size:.1%} of H-SVD's at W4A4.")
 
-    hsvd_size = next(r.size_bytes for r in rows if r.method == "H-SVD" and r.precision == "W4A4")
-    if min(ranks) == max(ranks):
-        eq_note = (f"global-only SVD at rank {eq_rank}, the rank whose FP parameters match H-SVD's (rank {rank} plus "
-                   f"the block branch) in every layer.")
-    else:
-        eq_note = (f"the per-layer equal-budget ranks range from {min(ranks)} to {max(ranks)}, which one config cannot "
-                   f"express, so every layer uses their mean, rank {eq_rank}; its size is "
-                   f"{row.size_bytes / hsvd_size:.1%} of H-SVD's at W4A4.")
+    rank_note = (f"Rank {rank}: what `qdit4sr-export` uses for this model's width ({pipe.transformer.inner_dim}), with "
+                 f"the export's other defaults (group 64, 4 segments, 32 calibration crops, seed 0; this run: "
+                 f"{calib_images} crops, seed {seed})." if rank == export_rank else
+                 f"Rank {rank}, not the export's default (rank {export_rank} for width {pipe.transformer.inner_dim}).")
     notes = [
         f"Model: {model_description(model_dir)}. {len(images)} held-out photos "
         f"({', '.join(im.name for im in images)}), "
@@ -277,9 +302,10 @@ def main(model_dir: Path, crop: int, calib_images: int, rank: int, seed: int, th
         "(2) the full Q-DiT4SR quantized per output channel with at most 7 weight bits at quantize time "
         "(group_size=None, weight_bit_range=(2, 7)), kept exactly by the cpu graph.",
         "Mean W bits are weighted by layer size; mean A bits average over layers and sampler steps.",
-        f"\\* {eq_note}",
+        rank_note,
+        *([f"\\* {eq_note}"] if eq_note else []),
     ]
-    text = "\n".join([format_table(rows, {label: "\\*"}), "", *notes, "",
+    text = "\n".join([format_table(rows, {label: "\\*"} if label else {}), "", *notes, "",
                       f"Command: `{command}` ({time.perf_counter() - _START:.0f} s)"]) + "\n"
     click.echo(text)
     if out is not None:

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .actclip import search_activation_scale
+from .gptq import activation_noise_target, gptq_quantize
 from .hadamard import rotate_weight
 from .hsvd import HSVDConfig, decompose_weight
 from .layers import quantizable_linears
@@ -45,13 +47,20 @@ def _hsvd_config(config: QDiT4SRConfig) -> HSVDConfig:
                       seed=config.seed)
 
 
+def _budget_quant_config(config: QDiT4SRConfig) -> WeightQuantConfig:
+    """The residue quantizer at the budget's bit width: what the budget split scores its candidates with."""
+    bits = int(round(config.weight_bits))
+    return WeightQuantConfig(bits=bits, group_size=config.group_size_for(bits), scale_search=config.scale_search,
+                             scale_dtype=torch.float16 if config.storage_dtype == "float16" else torch.float32)
+
+
 def split_weight(weight: torch.Tensor, config: QDiT4SRConfig) -> tuple[torch.Tensor, _Branches]:
     """Rotate and remove the full-precision branches; returns (residue [out, in], branches)."""
     w_h = rotate_weight(weight.detach().float()) if config.hadamard else weight.detach().float()
     if config.decomposition == "rtn":
         return w_h, _Branches(None, None, None, None, None, None)
-    # The branches do not depend on the residue's bit width; 8 bits here only satisfies the signature.
-    dec = decompose_weight(w_h, _hsvd_config(config), WeightQuantConfig(bits=8, group_size=config.group_size))
+    # Only the budget split looks at the quantized residue; the other methods' branches ignore it.
+    dec = decompose_weight(w_h, _hsvd_config(config), _budget_quant_config(config))
     residue = w_h - dec.branch_weight()
     return residue, _Branches(dec.up, dec.down, dec.sigma, dec.u, dec.v, dec.block_shape)
 
@@ -80,10 +89,13 @@ def _act_schedule(v: np.ndarray, config: QDiT4SRConfig) -> tuple[list[tuple[int,
         "vatmp_cost": sched.cost, "vatmp_exact": bool(sched.exact)}
 
 
-def _static_scale(v_seg: np.ndarray, amax_seg: np.ndarray, bits: int) -> float:
-    """Gaussian-optimal clip from the segment's mean second moment, never beyond the observed range."""
+def _static_scale(v_seg: np.ndarray, amax_seg: np.ndarray, bits: int, hist_seg: np.ndarray | None = None) -> float:
+    """Gaussian-optimal clip from the segment's mean second moment, never beyond the observed range; with the
+    segment's |x| histograms [steps, bins], the clip with the smallest quantization MSE on them instead."""
     if bits == NO_ACT_QUANT:
         return 1.0
+    if hist_seg is not None:
+        return search_activation_scale(hist_seg.sum(0), float(v_seg.mean()), float(amax_seg.max()), bits)
     scale = activation_scale(float(v_seg.mean()), bits)
     return float(min(scale, max(float(amax_seg.max()) / qmax(bits), np.finfo(np.float32).tiny)))
 
@@ -111,6 +123,13 @@ def round_unquantized_(model: nn.Module, config: QDiT4SRConfig) -> None:
                 t.data = _storage_round(t.data, config)
 
 
+def _act_noise_var(bits: np.ndarray, scales: list[float], segments: list[tuple[int, int]]) -> float:
+    """Mean over sampler steps of the activation rounding-noise variance scale^2 / 12 (0 where unquantized)."""
+    steps = segments[-1][1]
+    return sum((e - s) / steps * (scales[k] ** 2 / 12.0 if bits[k] < NO_ACT_QUANT else 0.0)
+               for k, (s, e) in enumerate(segments))
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
@@ -124,6 +143,12 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
     if missing:
         raise ValueError(f"activation statistics name layers the model lacks, e.g. {missing[:3]}")
     names = list(stats.layers)
+    if config.error_compensation != "none" and (stats.gram is None or set(names) - set(stats.gram)):
+        raise ValueError("GPTQ error compensation needs the layers' input Gram matrices; collect the activation "
+                         "statistics with CalibrationConfig(gram=True)")
+    if config.act_clip_search and stats.act_hist is None:
+        raise ValueError("the activation clip search needs activation histograms; collect the activation "
+                         "statistics with CalibrationConfig(act_hist=True)")
 
     branches: dict[str, _Branches] = {}
     variances = np.zeros(len(names))
@@ -142,11 +167,18 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
     for i, name in enumerate(tqdm(names, desc="quantize residues", disable=not progress)):
         layer, br = linears.pop(name), branches.pop(name)  # pop: the fp32 residue is freed once replaced
         group_size = config.group_size_for(int(w_bits[i]))
-        residual = quantize_weight(layer.weight.data, WeightQuantConfig(
-            bits=int(w_bits[i]), group_size=group_size, scale_search=config.scale_search,
-            scale_dtype=_scale_dtype(config, group_size)))
-        scales = [_static_scale(stats.second_moment[i, s:e], stats.amax[i, s:e], int(a_bits[i, k]))
-                  for k, (s, e) in enumerate(segments)]
+        wq = WeightQuantConfig(bits=int(w_bits[i]), group_size=group_size, scale_search=config.scale_search,
+                               scale_dtype=_scale_dtype(config, group_size))
+        hist = stats.act_hist[i] if config.act_clip_search else None
+        scales = [_static_scale(stats.second_moment[i, s:e], stats.amax[i, s:e], int(a_bits[i, k]),
+                                None if hist is None else hist[s:e]) for k, (s, e) in enumerate(segments)]
+        if config.error_compensation != "none":
+            target, gram = layer.weight.data, torch.from_numpy(stats.gram[name])
+            if config.error_compensation == "gptq_act":
+                target, gram = activation_noise_target(target, gram, _act_noise_var(a_bits[i], scales, segments))
+            residual = gptq_quantize(target, gram, wq, config.gptq_damp)
+        else:
+            residual = quantize_weight(layer.weight.data, wq)
         keep = lambda t: _storage_round(t, config)  # noqa: E731
         qlayer = QuantLinear(residual, keep(layer.bias), hadamard=config.hadamard, act_bits=list(a_bits[i]),
                              act_scales=scales, segment_of_step=segment_of_step, up=keep(br.up),

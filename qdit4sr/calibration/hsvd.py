@@ -12,7 +12,11 @@ Three methods share this code path so that comparisons are like for like:
 
 * ``"rtn"``  - no branch, W_H itself is quantized;
 * ``"svd"``  - global branch only (SVDQuant style), W_H - W_G is quantized;
-* ``"hsvd"`` - global plus block rank-1 branch.
+* ``"hsvd"`` - global plus block rank-1 branch (the paper's split of the FP budget);
+* ``"hsvd_split"`` - the same FP budget as ``"hsvd"`` (P_SVD-G(r) + P_SVD-L), split per layer between
+  extra global rank and block rank-1 terms by the error of the *quantized* reconstruction
+  ||W_H - W_G - W_L - Q(R)||_F. The candidates include the paper's split and the all-global one, so it
+  is never worse than either at equal size.
 
 The block shape is grid-searched under the parameter constraint
 P_L = P * Q * (s_o + s_i + 1) <= budget_slack * r * (out + in) and picked by the
@@ -55,11 +59,12 @@ __all__ = [
     "WeightDecomposition",
     "decompose_weight",
     "equal_budget_svd_rank",
+    "budget_split_ranks",
     "ReportRow",
     "reconstruction_report",
 ]
 
-METHODS: tuple[str, ...] = ("rtn", "svd", "hsvd")
+METHODS: tuple[str, ...] = ("rtn", "svd", "hsvd", "hsvd_split")
 
 _BLOCK_SIDES = (8, 16, 32, 64, 128, 256)
 # Every power-of-two pair, square and rectangular; infeasible ones are dropped per layer.
@@ -85,6 +90,7 @@ class HSVDConfig:
     budget_slack: float = 1.0
     randomized_svd: bool | None = None  # None: decide from the matrix size and rank
     seed: int = 0
+    split_points: int = 2  # hsvd_split: global ranks tried strictly between the paper's split and all-global
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -102,6 +108,8 @@ class HSVDConfig:
             raise ValueError(f"randomized_svd must be True, False or None, got {self.randomized_svd!r}")
         if not is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not is_int(self.split_points) or self.split_points < 0:
+            raise ValueError(f"split_points must be a non-negative integer, got {self.split_points!r}")
 
 
 def _check_candidates(candidates: tuple[tuple[int, int], ...]) -> None:
@@ -268,11 +276,21 @@ def choose_block_shape(
     Only the finest feasible shapes are scored (see `finest_block_shapes`; equal errors resolve to the
     first of those), each by one batched eigen-solve of the blocks' small Gram matrices.
     """
+    return choose_block_shape_within(residual, slack * svdg_param_count(*residual.shape, rank), candidates)
+
+
+def choose_block_shape_within(
+    residual: torch.Tensor, budget: float, candidates: tuple[tuple[int, int], ...]
+) -> tuple[int, int] | None:
+    """`choose_block_shape` for an explicit FP parameter budget of the block branch."""
     best, best_err = None, math.inf
     r64 = residual.detach().to(torch.float64)
     # ||B - sigma_1 u v^T||^2 = ||B||^2 - sigma_1^2 per block, so only the top singular values matter.
     total = r64.square().sum().item()
-    for shape in finest_block_shapes(feasible_block_shapes(*residual.shape, rank, candidates, slack)):
+    out, in_ = residual.shape
+    tiling = [(a, b) for a, b in candidates if out % a == 0 and in_ % b == 0]
+    feasible = [c for c in tiling if svdl_param_count(out, in_, *c) <= budget]
+    for shape in finest_block_shapes(feasible):
         err = total - _top_singular_value_sq(_blocks(r64, *shape)).sum().item()
         if err < best_err:
             best, best_err = shape, err
@@ -339,6 +357,8 @@ def decompose_weight(w_h: torch.Tensor, hsvd: HSVDConfig, quant: WeightQuantConf
     """Split a rotated weight into FP branches (per ``hsvd.method``) and a quantized residue."""
     if w_h.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(w_h.shape)}")
+    if hsvd.method == "hsvd_split":
+        return _decompose_budget_split(w_h, hsvd, quant)
     up = down = None
     if hsvd.method != "rtn":
         up, down = global_svd(w_h, hsvd.rank, hsvd.randomized_svd, hsvd.seed)
@@ -375,6 +395,54 @@ def _decompose_given_global(
     )
 
 
+def budget_split_ranks(rank: int, max_rank: int, points: int) -> list[int]:
+    """Global ranks tried by the budget split: the paper's rank, `points` evenly spaced ones, all-global."""
+    if max_rank <= rank:
+        return [rank]
+    inner = [rank + round((max_rank - rank) * k / (points + 1)) for k in range(1, points + 1)]
+    return sorted({rank, *inner, max_rank})
+
+
+def _quantized_error(w_h: torch.Tensor, dec: WeightDecomposition) -> float:
+    return (w_h.to(torch.float64) - dec.reconstruct().double()).square().sum().item()
+
+
+def _decompose_budget_split(w_h: torch.Tensor, hsvd: HSVDConfig, quant: WeightQuantConfig) -> WeightDecomposition:
+    """H-SVD's FP budget, split between global rank and block terms by the quantized reconstruction error.
+
+    The budget is what the paper's split spends on this layer, P_SVD-G(r) + P_SVD-L(s_o, s_i). For each
+    tried global rank r' the block shape is the best (Frobenius, before quantization) that fits the rest
+    of the budget; every candidate's residue is then quantized and the smallest final error wins (ties
+    go to the smaller global rank, i.e. the paper's split first).
+    """
+    out, in_ = w_h.shape
+    paper = replace(hsvd, method="hsvd")
+    up, down = global_svd(w_h, hsvd.rank, hsvd.randomized_svd, hsvd.seed)
+    best = _decompose_given_global(w_h, up, down, paper, quant)
+    budget = best.fp_param_count()
+    max_rank = min(budget // (out + in_), min(out, in_))
+    ranks = budget_split_ranks(hsvd.rank, max_rank, hsvd.split_points)
+    if len(ranks) == 1:
+        return replace(best, method="hsvd_split")
+    # One SVD at the largest rank; its leading factors are the truncated SVDs of every smaller rank.
+    up_all, down_all = global_svd(w_h, max_rank, hsvd.randomized_svd, hsvd.seed)
+    best_err = _quantized_error(w_h, best)
+    for r in ranks[1:]:
+        up_r, down_r = up_all[:, :r].contiguous(), down_all[:r].contiguous()
+        rest = w_h.detach().to(torch.float64) - up_r.double() @ down_r.double()
+        shape = choose_block_shape_within(rest, budget - svdg_param_count(out, in_, r), hsvd.block_candidates)
+        sigma = u = v = None
+        if shape is not None:
+            sigma, u, v = (t.to(torch.float32) for t in block_rank1(rest, *shape))
+            rest = rest - block_rank1_weight(sigma.double(), u.double(), v.double())
+        dec = WeightDecomposition(up=up_r, down=down_r, block_shape=shape, sigma=sigma, u=u, v=v,
+                                  residual=quantize_weight(rest, quant), method="hsvd_split")
+        err = _quantized_error(w_h, dec)
+        if err < best_err:
+            best, best_err = dec, err
+    return replace(best, method="hsvd_split")
+
+
 def equal_budget_svd_rank(out: int, in_: int, hsvd_config: HSVDConfig, block_shape: tuple[int, int] | None) -> int:
     """Largest global-only rank whose FP parameters do not exceed H-SVD's (rank r plus the block branch)."""
     params = svdg_param_count(out, in_, hsvd_config.rank)
@@ -388,12 +456,17 @@ def equal_budget_svd_rank(out: int, in_: int, hsvd_config: HSVDConfig, block_sha
 
 @dataclass(frozen=True)
 class ReportRow:
-    """One method's FP branch size (summed over layers) and mean relative reconstruction error."""
+    """One method's FP branch size (summed over layers) and mean relative reconstruction error.
+
+    ``mean_rel_output_error`` (when input Gram matrices are given) is the error on the layer's output,
+    sqrt(tr(E H E^T) / tr(W H W^T)) for E = W_H - W_hat and H the rotated inputs' Gram matrix.
+    """
 
     method: str
     setting: str
     fp_params: int
     mean_rel_error: float
+    mean_rel_output_error: float | None = None
 
 
 def _relative_error(w_h: torch.Tensor, dec: WeightDecomposition) -> float:
@@ -401,27 +474,46 @@ def _relative_error(w_h: torch.Tensor, dec: WeightDecomposition) -> float:
     return ((ref - dec.reconstruct().double()).norm() / ref.norm()).item()
 
 
+def _relative_output_error(w_h: torch.Tensor, dec: WeightDecomposition, gram: torch.Tensor) -> float:
+    ref = w_h.to(torch.float64)
+    e = ref - dec.reconstruct().double()
+    g = gram.to(torch.float64)
+    return math.sqrt(torch.einsum("oi,ij,oj->", e, g, e).item() / torch.einsum("oi,ij,oj->", ref, g, ref).item())
+
+
 def reconstruction_report(
     weights: dict[str, torch.Tensor],
     rank: int,
     quant: WeightQuantConfig,
     hsvd_config: HSVDConfig | None = None,
+    grams: dict[str, torch.Tensor] | None = None,
+    split: bool = True,
 ) -> list[ReportRow]:
-    """Compare rtn, svd at rank r, svd at H-SVD's FP budget, and hsvd on un-rotated [out, in] weights.
+    """Compare rtn, svd at rank r, svd at H-SVD's FP budget, hsvd and hsvd_split on un-rotated [out, in] weights.
 
     Each weight is rotated with ``rotate_weight`` first; the error is
     ||W_H - W_hat||_F / ||W_H||_F averaged over the layers.  The equal-budget svd rank
     is set per layer from the block shape H-SVD picked for that layer.  ``hsvd_config``
     supplies the block candidates, slack and SVD options; its method and rank are
-    overridden.  Rows come in the order rtn, svd (rank r), svd (equal budget), hsvd.
+    overridden.  With ``grams`` (the rotated inputs' Gram matrix per layer name) every row also reports
+    the relative output error, and a last row applies GPTQ error compensation to the budget split's residue.
+    Rows come in the order rtn, svd (rank r), svd (equal budget), hsvd[, hsvd_split[, hsvd_split + gptq]]
+    (``split=False`` leaves out the budget-split rows).
     """
+    from .gptq import gptq_quantize
+
     if not weights:
         raise ValueError("weights must not be empty")
     hsvd_cfg = replace(hsvd_config or HSVDConfig(), method="hsvd", rank=rank)
     labels = {"rtn": "no branch", "svd_r": f"rank {rank}", "svd_eq": "equal FP budget", "hsvd": f"rank {rank} + blocks"}
+    if split:
+        labels["hsvdsplit"] = "H-SVD budget, split by quantized error"
+    if split and grams is not None:
+        labels["hsvdsplit_gptq"] = "budget split + GPTQ residue"
     errors: dict[str, list[float]] = {k: [] for k in labels}
+    out_errors: dict[str, list[float]] = {k: [] for k in labels}
     params: dict[str, int] = {k: 0 for k in labels}
-    for w in weights.values():
+    for name, w in weights.items():
         w_h = rotate_weight(w.detach().to(torch.float64))
         out, in_ = w_h.shape
         hs = decompose_weight(w_h, hsvd_cfg, quant)
@@ -433,16 +525,24 @@ def reconstruction_report(
             "svd_eq": decompose_weight(w_h, replace(hsvd_cfg, method="svd", rank=eq_rank), quant),
             "hsvd": hs,
         }
+        if split:
+            decs["hsvdsplit"] = decompose_weight(w_h, replace(hsvd_cfg, method="hsvd_split"), quant)
+        if "hsvdsplit_gptq" in labels:
+            sp = decs["hsvdsplit"]
+            residue = w_h - sp.branch_weight().double()
+            decs["hsvdsplit_gptq"] = replace(sp, residual=gptq_quantize(residue, grams[name], quant))
         for key, dec in decs.items():
             errors[key].append(_relative_error(w_h, dec))
             params[key] += dec.fp_param_count()
+            if grams is not None:
+                out_errors[key].append(_relative_output_error(w_h, dec, grams[name]))
     return [
         ReportRow(
-            method=key.split("_")[0],
+            method={"hsvdsplit": "hsvd_split", "hsvdsplit_gptq": "hsvd_split+gptq"}.get(key, key.split("_")[0]),
             setting=labels[key],
             fp_params=params[key],
             mean_rel_error=sum(errors[key]) / len(errors[key]),
+            mean_rel_output_error=sum(out_errors[key]) / len(out_errors[key]) if grams is not None else None,
         )
         for key in labels
     ]
-

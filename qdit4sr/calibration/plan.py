@@ -18,8 +18,9 @@ from ..fileio import atomic_write_text
 
 PLAN_VERSION = 2
 _PRECISION = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+(?:\.\d+)?)$")
-DECOMPOSITIONS = ("rtn", "svd", "hsvd")
+DECOMPOSITIONS = ("rtn", "svd", "hsvd", "hsvd_split")
 STORAGE_DTYPES = ("float16", "float32")
+ERROR_COMPENSATIONS = ("none", "gptq", "gptq_act")
 
 
 # The methods of the paper's ablation, full Q-DiT4SR first: the one table `--method` and
@@ -30,6 +31,13 @@ METHOD_PRESETS: dict[str, dict] = {
     "hsvd": dict(decomposition="hsvd", mixed_weight_bits=False, temporal_act_bits=False),
     "svdquant": dict(decomposition="svd", mixed_weight_bits=False, temporal_act_bits=False),
     "rtn": dict(decomposition="rtn", mixed_weight_bits=False, temporal_act_bits=False),
+    # Beyond the paper: the H-SVD budget split by the quantized error, then GPTQ on the residue (in the full
+    # new method also accounting for the layer's own input quantization noise).
+    "hsvd_split": dict(decomposition="hsvd_split", mixed_weight_bits=False, temporal_act_bits=False),
+    "hsvd_split_gptq": dict(decomposition="hsvd_split", error_compensation="gptq", mixed_weight_bits=False,
+                            temporal_act_bits=False),
+    "qdit4sr_plus": dict(decomposition="hsvd_split", error_compensation="gptq_act", mixed_weight_bits=True,
+                         temporal_act_bits=True),
 }
 
 
@@ -55,7 +63,8 @@ class QDiT4SRConfig:
     act_bits: float = 4.0             # VaTMP: per-layer mean over steps; otherwise uniform; 16 = FP activations
     group_size: int | None = 64       # layers with <= 4 weight bits (INT4 blocks); None = per output channel
     wide_group_size: int | None = None  # layers with > 4 bits (INT8 container): TensorRT blocks only INT4
-    decomposition: str = "hsvd"       # "rtn" (no branch), "svd" (global low rank), "hsvd" (global + block rank-1)
+    decomposition: str = "hsvd"       # "rtn" (no branch), "svd" (global low rank), "hsvd" (global + block rank-1),
+                                      # "hsvd_split" (H-SVD's FP budget split by the quantized error)
     rank: int = 32
     mixed_weight_bits: bool = True    # VaSMP
     temporal_act_bits: bool | None = None  # VaTMP; None = on when act_bits <= 4, as in the method
@@ -64,6 +73,10 @@ class QDiT4SRConfig:
     weight_bit_range: tuple[int, int] = (2, 8)
     act_bit_choices: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     scale_search: bool = False
+    error_compensation: str = "none"  # "gptq": quantize residues column by column with the calibration Gram;
+                                      # "gptq_act": also for the inputs' own quantization noise
+    gptq_damp: float = 0.01           # GPTQ: damping as a fraction of the Gram's mean diagonal
+    act_clip_search: bool = False     # static activation scales by MSE on calibration histograms, not Gaussian
     softmax_bits: int = 8             # softmax input; 16 = full precision (always so when act_bits is 16)
     storage_dtype: str = "float16"    # branches, scales, biases and unquantized weights as deployed
     seed: int = 0
@@ -82,6 +95,11 @@ class QDiT4SRConfig:
             raise ValueError("uniform activation bits must be an integer")
         if self.softmax_bits != 16 and not 2 <= self.softmax_bits <= 8:
             raise ValueError(f"softmax input bits must lie in 2..8 or be 16, got {self.softmax_bits}")
+        if self.error_compensation not in ERROR_COMPENSATIONS:
+            raise ValueError(f"error_compensation must be one of {ERROR_COMPENSATIONS}, "
+                             f"got {self.error_compensation!r}")
+        if not 0 < self.gptq_damp < 1:
+            raise ValueError(f"gptq_damp must lie in (0, 1), got {self.gptq_damp!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}")
         if self.num_segments < 1 or self.rank < 0:

@@ -3,6 +3,8 @@
 For every layer the hook records, at each step, the second moment v = mean(x_H^2) of the
 Hadamard-rotated input (the quantity VaTMP schedules on) and its absolute maximum. For every attention
 core it records the absolute maximum of the scaled logits, the range of the 8-bit softmax input.
+With `CalibrationConfig(gram=True)` it also accumulates each layer's input Gram matrix x_H^T x_H / N over
+all steps and tokens, which the GPTQ-style error compensation of the residue quantization needs.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from tqdm import tqdm
 from ..fileio import atomic_write, atomic_write_text
 from ..models.images import TRAIN_PHOTOS, degrade_x4, load_photo, resize_bicubic, to_tensor
 from ..models.step_context import current_step
+from .actclip import HIST_BINS, abs_histogram
 from .hadamard import apply_hadamard
 from .qsoftmax import LogitRecorder, attention_cores
 
@@ -33,6 +36,8 @@ class CalibrationConfig:
     seed: int = 0
     hadamard: bool = True
     batch_size: int = 16          # crops denoised together (statistics pool over the batch anyway)
+    gram: bool = False            # also record each layer's input Gram matrix (in^2 values per layer)
+    act_hist: bool = False        # also record per-step histograms of |x_H| (for the activation clip search)
 
 
 @dataclass
@@ -44,6 +49,8 @@ class ActivationStats:
     config: CalibrationConfig
     softmax_sites: list[str] = field(default_factory=list)   # attention cores, by module name
     softmax_amax: np.ndarray | None = None                    # [S, T] max |q k^T / sqrt(d)|
+    gram: dict[str, np.ndarray] | None = None                 # layer -> [in, in] mean of x_H x_H^T per token
+    act_hist: np.ndarray | None = None                        # [L, T, actclip.HIST_BINS] counts of |x_H|
 
     def __post_init__(self):
         if self.softmax_amax is None:
@@ -55,9 +62,12 @@ class ActivationStats:
     def save(self, folder: Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "activation_stats.safetensors", lambda tmp: save_file(
-            {"second_moment": self.second_moment.astype(np.float64), "amax": self.amax.astype(np.float64),
-             "softmax_amax": self.softmax_amax.astype(np.float64)}, tmp))
+        arrays = {"second_moment": self.second_moment.astype(np.float64), "amax": self.amax.astype(np.float64),
+                  "softmax_amax": self.softmax_amax.astype(np.float64)}
+        arrays.update({f"gram.{name}": g.astype(np.float64) for name, g in (self.gram or {}).items()})
+        if self.act_hist is not None:
+            arrays["act_hist"] = self.act_hist.astype(np.float64)
+        atomic_write(folder / "activation_stats.safetensors", lambda tmp: save_file(arrays, tmp))
         meta = {"version": STATS_VERSION, "layers": self.layers, "timesteps": self.timesteps,
                 "softmax_sites": self.softmax_sites, "config": asdict(self.config)}
         atomic_write_text(folder / "activation_stats.json", json.dumps(meta, indent=1))
@@ -69,8 +79,10 @@ class ActivationStats:
         if meta.get("version") != STATS_VERSION:
             raise ValueError(f"activation statistics version {meta.get('version')} is not {STATS_VERSION}")
         arrays = load_file(str(folder / "activation_stats.safetensors"))
+        grams = {k[len("gram."):]: v for k, v in arrays.items() if k.startswith("gram.")}
         stats = cls(meta["layers"], meta["timesteps"], arrays["second_moment"], arrays["amax"],
-                    CalibrationConfig(**meta["config"]), meta["softmax_sites"], arrays["softmax_amax"])
+                    CalibrationConfig(**meta["config"]), meta["softmax_sites"], arrays["softmax_amax"],
+                    grams or None, arrays.get("act_hist"))
         expected = (len(stats.layers), len(stats.timesteps))
         if stats.second_moment.shape != expected or stats.amax.shape != expected:
             raise ValueError(f"activation statistics arrays do not match {expected}")
@@ -88,12 +100,15 @@ class ActivationStats:
 class _Recorder:
     """Forward pre-hooks accumulating sum(x^2), count and amax per (layer, step)."""
 
-    def __init__(self, layers: dict[str, torch.nn.Module], steps: int, hadamard: bool):
+    def __init__(self, layers: dict[str, torch.nn.Module], steps: int, hadamard: bool, gram: bool = False,
+                 act_hist: bool = False):
         self.names = list(layers)
         self.sq = np.zeros((len(layers), steps))
         self.count = np.zeros((len(layers), steps))
         self.amax = np.zeros((len(layers), steps))
         self.hadamard = hadamard
+        self.gram = [None] * len(layers) if gram else None
+        self.hist = np.zeros((len(layers), steps, HIST_BINS)) if act_hist else None
         self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(layers.values())]
 
     def _hook(self, index: int):
@@ -107,7 +122,20 @@ class _Recorder:
             self.sq[index, step] += float(x.square().sum())
             self.count[index, step] += x.numel()
             self.amax[index, step] = max(self.amax[index, step], float(x.abs().max()))
+            if self.hist is not None:
+                self.hist[index, step] += abs_histogram(x)
+            if self.gram is not None:
+                flat = x.reshape(-1, x.shape[-1])
+                g = flat.mT @ flat
+                self.gram[index] = g if self.gram[index] is None else self.gram[index] + g
         return hook
+
+    def mean_grams(self) -> dict[str, np.ndarray] | None:
+        """Per-layer Gram matrices divided by the number of tokens seen (over all steps)."""
+        if self.gram is None:
+            return None
+        tokens = {i: self.count[i].sum() / g.shape[0] for i, g in enumerate(self.gram)}
+        return {name: (self.gram[i] / tokens[i]).numpy() for i, name in enumerate(self.names)}
 
     def remove(self) -> None:
         for h in self.handles:
@@ -165,7 +193,7 @@ def collect_activation_stats(pipeline, layers: dict[str, torch.nn.Module], confi
     tile_px = pipeline.config.tile_size * pipeline.codec.downsample
     lr_crop = config.lr_crop or tile_px // config.scale
     timesteps = pipeline.sampler_timesteps()
-    recorder = _Recorder(layers, len(timesteps), config.hadamard)
+    recorder = _Recorder(layers, len(timesteps), config.hadamard, config.gram, config.act_hist)
     logits = _LogitRanges(attention_cores(pipeline.transformer), len(timesteps))
     try:
         if images is None:
@@ -187,4 +215,4 @@ def collect_activation_stats(pipeline, layers: dict[str, torch.nn.Module], confi
         missing = sorted({logits.names[i] for i in np.nonzero(~logits.seen.all(1))[0]})
         raise RuntimeError(f"no attention logits recorded for {len(missing)} attention cores, e.g. {missing[:3]}")
     return ActivationStats(recorder.names, timesteps, recorder.sq / recorder.count, recorder.amax, config,
-                           logits.names, logits.amax)
+                           logits.names, logits.amax, recorder.mean_grams(), recorder.hist)

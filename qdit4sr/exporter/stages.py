@@ -149,7 +149,9 @@ def calibrate(pipe: DiT4SRPipeline, settings: ExportSettings, folder: Path, log:
                 return stats
         except (ValueError, OSError, KeyError):
             pass
-    config = CalibrationConfig(num_images=settings.calibration.count, seed=settings.seed)
+    quant = settings.quant_config()
+    config = CalibrationConfig(num_images=settings.calibration.count, seed=settings.seed,
+                               gram=quant.error_compensation != "none", act_hist=quant.act_clip_search)
     images = None
     if settings.calibration.images:
         lr_crop = pipe.config.tile_size * pipe.codec.downsample // config.scale

@@ -5,11 +5,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Photos shipped inside scikit-image, scikit-learn and matplotlib. The held-out ones are never
-# used for training, only for evaluation and calibration-free quality checks.
-TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-                "china", "camera", "coins", "brick", "grass", "gravel", "moon")
-HELD_OUT_PHOTOS = ("chelsea", "flower", "grace_hopper")
+# Photos shipped inside scikit-image, scikit-learn, matplotlib and PyWavelets. The held-out ones are
+# never used for training or calibration, only for evaluation.
+TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "china",
+                "present", "colorwheel", "camera", "coins", "brick", "grass", "gravel", "moon", "cell", "page",
+                "text")
+HELD_OUT_PHOTOS = ("chelsea", "flower", "grace_hopper", "clock", "aero", "ascent")
+# Bundled files outside scikit-image: name -> (package, file).
+_MATPLOTLIB_PHOTOS = {"grace_hopper": "grace_hopper.jpg", "present": "Minduka_Present_Blue_Pack.png"}
+_PYWT_PHOTOS = ("aero", "ascent")
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -18,12 +22,16 @@ def load_photo(name: str) -> np.ndarray:
         from sklearn.datasets import load_sample_image
 
         image = load_sample_image(f"{name}.jpg")
-    elif name == "grace_hopper":
+    elif name in _MATPLOTLIB_PHOTOS:
         import matplotlib.cbook
         from PIL import Image
 
-        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        with matplotlib.cbook.get_sample_data(_MATPLOTLIB_PHOTOS[name]) as f:
             image = np.asarray(Image.open(f).convert("RGB"))
+    elif name in _PYWT_PHOTOS:
+        import pywt.data
+
+        image = getattr(pywt.data, name)()
     else:
         import skimage.data
 

@@ -18,7 +18,7 @@ def calibrated():
     model = randomize(DiT4SRTransformer2DModel(**MICRO_CONFIG)).eval()
     pipe = DiT4SRPipeline(model, PixelUnshuffleCodec(), CALIBRATION_PIPE)
     layers = used_linears(model, example_inputs(model))
-    stats = collect_activation_stats(pipe, layers, CalibrationConfig(num_images=4, lr_crop=4, batch_size=4),
+    stats = collect_activation_stats(pipe, layers, CalibrationConfig(num_images=4, lr_crop=4, batch_size=4, gram=True),
                                      progress=False)
     return MICRO_CONFIG, model.state_dict(), stats
 

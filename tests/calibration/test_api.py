@@ -89,3 +89,33 @@ def test_fp16_storage_costs_little_against_float32(calibrated):
     err16, _, _ = _output_error(calibrated, QDiT4SRConfig.preset("rtn", "w8a8"))
     err32, _, _ = _output_error(calibrated, QDiT4SRConfig.preset("rtn", "w8a8", storage_dtype="float32"))
     assert abs(err16 - err32) < 0.05 * err32, (err16, err32)
+
+
+def test_beyond_paper_presets_stay_in_budget_and_help(calibrated):
+    """Budget split: per-layer FP parameters never above the paper's H-SVD; GPTQ lowers the weight-only error."""
+    from qdit4sr.calibration.hsvd import svdg_param_count, svdl_param_count
+
+    def fp_params(lp):
+        blocks = 0 if lp.block_shape is None else svdl_param_count(lp.out_features, lp.in_features, *lp.block_shape)
+        return svdg_param_count(lp.out_features, lp.in_features, lp.rank) + blocks
+
+    errors, plans = {}, {}
+    for name in ("hsvd", "hsvd_split", "hsvd_split_gptq"):
+        errors[name], plans[name], _ = _output_error(calibrated, QDiT4SRConfig.preset(name, "w3a16", rank=4))
+    for paper, split in zip(plans["hsvd"].layers, plans["hsvd_split"].layers):
+        assert fp_params(split) <= fp_params(paper), split.name
+    assert errors["hsvd_split_gptq"] < errors["hsvd_split"]
+    # The full new method runs end to end and records its choices in the plan.
+    err, plan, _ = _output_error(calibrated, QDiT4SRConfig.preset("qdit4sr_plus", "w4a4", num_segments=3))
+    assert plan.config.error_compensation == "gptq_act" and plan.config.decomposition == "hsvd_split"
+    assert BitPlan.from_json(plan.to_json()).to_json() == plan.to_json()
+    assert err < 0.5
+
+
+def test_gptq_without_gram_is_refused(calibrated):
+    from dataclasses import replace
+
+    _, _, stats = calibrated
+    with pytest.raises(ValueError, match="Gram"):
+        quantize_(fresh_model(calibrated), QDiT4SRConfig.preset("hsvd_split_gptq", "w4a4"), replace(stats, gram=None),
+                  progress=False)

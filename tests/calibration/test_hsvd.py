@@ -1,9 +1,13 @@
 """H-SVD: global and block rank-1 branches, budget search, decomposition, and real-weight comparison."""
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
 from qdit4sr.calibration.hsvd import (
     HSVDConfig,
+    budget_split_ranks,
     block_rank1,
     block_rank1_apply,
     block_rank1_weight,
@@ -68,6 +72,7 @@ def _rel(a, b):
         {"budget_slack": float("inf")},
         {"randomized_svd": "auto"},
         {"seed": 1.5},
+        {"split_points": -1},
     ],
 )
 def test_config_rejects_invalid(kwargs):
@@ -285,7 +290,7 @@ def rotated_weight():
     return (_decaying(128, 192, 0.8, seed=21) + 0.002 * _randn(128, 192, seed=22)).float()
 
 
-@pytest.mark.parametrize("method", ["rtn", "svd", "hsvd"])
+@pytest.mark.parametrize("method", ["rtn", "svd", "hsvd", "hsvd_split"])
 def test_branch_apply_matches_branch_weight(rotated_weight, method):
     dec = decompose_weight(rotated_weight, HSVDConfig(method=method, rank=8), QUANT)
     x = _randn(2, 7, 192, seed=23)
@@ -363,7 +368,8 @@ MINILM_CANDIDATES = tuple((a, b) for a in (16, 32, 64) for b in (16, 32, 64))
 @pytest.fixture(scope="module")
 def minilm_report(minilm_linear_weights):
     cfg = HSVDConfig(rank=MINILM_RANK, block_candidates=MINILM_CANDIDATES)
-    return {(r.method, r.setting): r for r in reconstruction_report(minilm_linear_weights, MINILM_RANK, QUANT, cfg)}
+    rows = reconstruction_report(minilm_linear_weights, MINILM_RANK, QUANT, cfg, split=False)
+    return {(r.method, r.setting): r for r in rows}
 
 
 def test_minilm_weights_cover_all_linear_shapes(minilm_linear_weights):
@@ -394,3 +400,88 @@ def test_minilm_equal_budget_svd_is_slightly_better_than_hsvd(minilm_report):
     assert svd_eq.fp_params <= hsvd.fp_params  # the equal-budget rank is rounded down
     assert svd_eq.mean_rel_error < hsvd.mean_rel_error < 1.05 * svd_eq.mean_rel_error
 
+
+
+# --------------------------------------------------------------------------- budget-split H-SVD
+
+
+def test_budget_split_ranks_by_hand():
+    assert budget_split_ranks(8, 8, 2) == [8]
+    assert budget_split_ranks(8, 20, 2) == [8, 12, 16, 20]
+    assert budget_split_ranks(8, 9, 3) == [8, 9]
+    assert budget_split_ranks(4, 10, 0) == [4, 10]
+
+
+def _quantized_error(w, dec):
+    return ((w.double() - dec.reconstruct().double()).norm() / w.double().norm()).item()
+
+
+def _check_split_never_loses(w, rank, candidates=((8, 8), (16, 16), (8, 32), (32, 8), (32, 32), (16, 64)),
+                             points=2):
+    """hsvd_split against the paper's split and the all-global SVD of the same budget, and brute force."""
+    cfg = HSVDConfig(rank=rank, block_candidates=candidates)
+    paper = decompose_weight(w, cfg, QUANT)
+    split = decompose_weight(w, replace(cfg, method="hsvd_split", split_points=points), QUANT)
+    budget = paper.fp_param_count()
+    eq_rank = equal_budget_svd_rank(*w.shape, cfg, paper.block_shape)
+    all_global = decompose_weight(w, HSVDConfig(method="svd", rank=eq_rank), QUANT)
+    assert split.method == "hsvd_split"
+    assert split.fp_param_count() <= budget
+    assert all_global.fp_param_count() <= budget
+    e_split = _quantized_error(w, split)
+    assert e_split <= _quantized_error(w, paper) + 1e-12
+    assert e_split <= _quantized_error(w, all_global) + 1e-12
+    return split, paper, all_global
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("rank", [2, 8])
+def test_budget_split_never_exceeds_budget_nor_loses_on_random_weights(seed, rank):
+    # A flat spectrum (pure noise) and a decaying one: the two regimes where blocks or rank win.
+    noise = _randn(64, 128, seed=30 + seed).float()
+    structured = (_decaying(64, 128, 1.0, seed=40 + seed) + 0.01 * _randn(64, 128, seed=50 + seed)).float()
+    for w in (noise, structured):
+        _check_split_never_loses(w, rank)
+
+
+def test_budget_split_equals_the_best_candidate_by_brute_force(rotated_weight):
+    split, paper, _ = _check_split_never_loses(rotated_weight, 8, points=3)
+    budget = paper.fp_param_count()
+    # Brute force over every global rank and every block shape that fits the rest of the budget.
+    best = math.inf
+    max_rank = budget // (128 + 192)
+    up_all, down_all = global_svd(rotated_weight, max_rank)
+    cands = ((8, 8), (16, 16), (8, 32), (32, 8), (32, 32), (16, 64))
+    ranks = budget_split_ranks(8, max_rank, 3)
+    assert len(ranks) == 5
+    for r in ranks:
+        rest = rotated_weight.double() - up_all[:, :r].double() @ down_all[:r].double()
+        left = budget - svdg_param_count(128, 192, r)
+        best_r = math.inf
+        for shape in [None] + [c for c in cands if svdl_param_count(128, 192, *c) <= left]:
+            r2 = rest
+            if shape is not None:
+                sig, u, v = (t.float() for t in block_rank1(rest, *shape))
+                r2 = rest - block_rank1_weight(sig.double(), u.double(), v.double())
+            recon = rotated_weight.double() - r2 + quantize_weight(r2, QUANT).dequantize().double()
+            best_r = min(best_r, ((rotated_weight.double() - recon).norm() / rotated_weight.double().norm()).item())
+        best = min(best, best_r)
+    # The split scores one (Frobenius-best) block shape per rank, so it may miss a shape that happens to
+    # quantize better; it stays within 1% of the exhaustive optimum over the same ranks.
+    assert best - 1e-7 <= _quantized_error(rotated_weight, split) <= 1.01 * best
+
+
+@pytest.fixture(scope="module")
+def minilm_three_layers(minilm_linear_weights):
+    """One rotated MiniLM weight of each shape (384x384, 1536x384, 384x1536)."""
+    from qdit4sr.calibration.hadamard import rotate_weight
+
+    picked = {}
+    for name, w in minilm_linear_weights.items():
+        picked.setdefault(tuple(w.shape), rotate_weight(w.double()).float())
+    return list(picked.values())
+
+
+def test_budget_split_never_exceeds_budget_nor_loses_on_minilm(minilm_three_layers):
+    for w in minilm_three_layers:
+        _check_split_never_loses(w, MINILM_RANK, MINILM_CANDIDATES)
