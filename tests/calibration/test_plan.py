@@ -46,7 +46,9 @@ def test_step_to_segment_map():
 
 
 def test_method_presets_and_quantization_settings():
-    assert list(METHOD_PRESETS) == ["qdit4sr", "hsvd_vasmp", "hsvd", "svdquant", "rtn"]
+    assert list(METHOD_PRESETS) == ["qdit4sr", "hsvd_vasmp", "hsvd", "svdquant", "rtn",  # the paper's ablation
+                                    "hsvd_split", "hsvd_split_gptq", "qdit4sr_plus"]      # beyond the paper
+    assert QDiT4SRConfig.preset("qdit4sr_plus", "w4a4").error_compensation == "gptq_act"
     assert all(QDiT4SRConfig.preset(m, "w4a4").decomposition == METHOD_PRESETS[m]["decomposition"]
                for m in METHOD_PRESETS)
     assert (default_rank(1536), default_rank(128), default_rank(3072)) == (32, 4, 64)
