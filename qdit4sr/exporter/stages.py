@@ -95,11 +95,8 @@ def load_pipeline(settings: ExportSettings) -> DiT4SRPipeline:
     if not folder.is_dir():
         raise ExportError(f"model folder {folder} does not exist")
     try:
-        pipe = DiT4SRPipeline.from_folder(folder)
-        if settings.model.variant and settings.model.variant != pipe.transformer.config.variant:
-            from ..models.loading import load_transformer
-
-            pipe.transformer = load_transformer(folder, "transformer", variant=settings.model.variant)
+        overrides = {"variant": settings.model.variant} if settings.model.variant else None
+        pipe = DiT4SRPipeline.from_folder(folder, transformer_overrides=overrides)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise ExportError(f"cannot load the model from {folder}: {e}") from e
     return pipe

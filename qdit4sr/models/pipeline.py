@@ -116,11 +116,14 @@ class DiT4SRPipeline:
         self.tile_callbacks: list[Callable[[int], None]] = []
 
     @classmethod
-    def from_folder(cls, path: str | Path, **config_overrides) -> "DiT4SRPipeline":
+    def from_folder(cls, path: str | Path, *, transformer_overrides: dict | None = None,
+                    dtype: torch.dtype | None = torch.float32, **config_overrides) -> "DiT4SRPipeline":
+        """The transformer (config entries overridden by `transformer_overrides`, e.g. the variant, so it is
+        read once), the codec, pipeline.json (else DiT4SR's defaults) and prompt_embeds.safetensors."""
         from .loading import load_transformer  # diffusers' blocks: loaded only when a torch model is
 
         folder = Path(path)
-        transformer = load_transformer(folder, "transformer")
+        transformer = load_transformer(folder, "transformer", dtype=dtype, **(transformer_overrides or {}))
         codec = load_codec(folder)
         cfg_file = folder / "pipeline.json"
         config = PipelineConfig.from_json(cfg_file, **config_overrides) if cfg_file.is_file() \

@@ -153,8 +153,10 @@ class DiT4SRBlock(nn.Module):
         else:
             self.norm1_context = AdaLayerNormZero(dim)
         self.attn = ControlAttention(dim, heads, head_dim, context_pre_only, qk_norm, variant)
-        # The published model builds attn2 with the same class, so it carries (unused) text projections.
-        self.attn2 = ControlAttention(dim, heads, head_dim, False, qk_norm, variant) if use_dual_attention else None
+        # The published model builds attn2 with the same class and the block's context_pre_only, so it
+        # carries (unused) text projections, and no to_add_out in a last block (context_pre_only).
+        self.attn2 = (ControlAttention(dim, heads, head_dim, context_pre_only, qk_norm, variant)
+                      if use_dual_attention else None)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = ControlFeedForward(dim, conv_scale)
         if context_pre_only:
