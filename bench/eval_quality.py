@@ -130,13 +130,13 @@ def shared_decompositions():
     cache: dict[tuple, tuple] = {}
     original = api.split_weight
 
-    def split_weight(weight: torch.Tensor, config: QDiT4SRConfig):
+    def split_weight(weight: torch.Tensor, config: QDiT4SRConfig, device=None):
         digest = hashlib.sha1(weight.detach().float().cpu().numpy().tobytes()).hexdigest()
         # The budget split scores its candidates with the residue quantizer at the budget's bits.
         key = (digest, tuple(weight.shape), config.decomposition, config.rank, config.hadamard, config.group_size,
                config.seed, round(config.weight_bits), config.scale_search, config.storage_dtype)
         if key not in cache:
-            cache[key] = original(weight, config)
+            cache[key] = original(weight, config, device)
         residue, branches = cache[key]
         return residue.clone(), branches
 

@@ -29,7 +29,7 @@ def abs_histogram(x: torch.Tensor) -> np.ndarray:
     a = a[a > 0]
     pos = (torch.log2(a) - HIST_LOG2_LO) * HIST_BINS_PER_OCTAVE
     idx = pos.floor().clamp(0, HIST_BINS - 1).long()
-    return torch.bincount(idx, minlength=HIST_BINS).double().numpy()
+    return torch.bincount(idx, minlength=HIST_BINS).double().cpu().numpy()
 
 
 def _bin_points() -> np.ndarray:

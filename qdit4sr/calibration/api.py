@@ -21,12 +21,13 @@ from tqdm import tqdm
 from .actclip import search_activation_scale
 from .gptq import activation_noise_target, gptq_quantize
 from .hadamard import rotate_weight
-from .hsvd import HSVDConfig, decompose_weight
+from .hsvd import HSVDConfig, block_rank1_weight, decompose_weight
 from .layers import quantizable_linears
 from .plan import BitPlan, LayerPlan, QDiT4SRConfig, SoftmaxPlan, step_to_segment
 from .qlinear import NO_ACT_QUANT, QuantLinear
 from .qsoftmax import QuantSoftmax, attention_cores, softmax_scale
-from .quantizer import WeightQuantConfig, activation_scale, gaussian_kappa, qmax, quantize_weight
+from .quantizer import (QuantizedWeight, WeightQuantConfig, activation_scale, gaussian_kappa, qmax,
+                        quantize_weight)
 from .stats import ActivationStats
 from .vasmp import allocate_bits, layer_weight_variance
 from .vatmp import schedule_shared
@@ -41,6 +42,10 @@ class _Branches:
     v: torch.Tensor | None
     block_shape: tuple[int, int] | None
 
+    def to(self, device) -> "_Branches":
+        return _Branches(*(None if t is None else t.to(device) for t in (self.up, self.down, self.sigma, self.u,
+                                                                          self.v)), self.block_shape)
+
 
 def _hsvd_config(config: QDiT4SRConfig) -> HSVDConfig:
     return HSVDConfig(method=config.decomposition, rank=config.rank if config.decomposition != "rtn" else 0,
@@ -54,15 +59,34 @@ def _budget_quant_config(config: QDiT4SRConfig) -> WeightQuantConfig:
                              scale_dtype=torch.float16 if config.storage_dtype == "float16" else torch.float32)
 
 
-def split_weight(weight: torch.Tensor, config: QDiT4SRConfig) -> tuple[torch.Tensor, _Branches]:
-    """Rotate and remove the full-precision branches; returns (residue [out, in], branches)."""
-    w_h = rotate_weight(weight.detach().float()) if config.hadamard else weight.detach().float()
+def _rotated(weight: torch.Tensor, config: QDiT4SRConfig, device: torch.device | None) -> torch.Tensor:
+    """The weight in float32 on `device` (None: where it is), Hadamard-rotated when the method rotates."""
+    w = weight.detach().to(device=device, dtype=torch.float32)
+    return rotate_weight(w) if config.hadamard else w
+
+
+def _residue(w_h: torch.Tensor, br: _Branches) -> torch.Tensor:
+    """W_H minus the dense branches (W_G + W_L summed first, as WeightDecomposition.branch_weight does)."""
+    if br.up is None and br.sigma is None:
+        return w_h
+    branch = torch.zeros_like(w_h)
+    if br.up is not None:
+        branch = branch + br.up @ br.down
+    if br.sigma is not None:
+        branch = branch + block_rank1_weight(br.sigma, br.u, br.v)
+    return w_h - branch
+
+
+def split_weight(weight: torch.Tensor, config: QDiT4SRConfig,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, _Branches]:
+    """Rotate and remove the full-precision branches on `device` (None: the weight's); (residue, branches)."""
+    w_h = _rotated(weight, config, device)
     if config.decomposition == "rtn":
         return w_h, _Branches(None, None, None, None, None, None)
     # Only the budget split looks at the quantized residue; the other methods' branches ignore it.
     dec = decompose_weight(w_h, _hsvd_config(config), _budget_quant_config(config))
-    residue = w_h - dec.branch_weight()
-    return residue, _Branches(dec.up, dec.down, dec.sigma, dec.u, dec.v, dec.block_shape)
+    br = _Branches(dec.up, dec.down, dec.sigma, dec.u, dec.v, dec.block_shape)
+    return _residue(w_h, br), br
 
 
 def _weight_bits(variances: np.ndarray, sizes: np.ndarray, config: QDiT4SRConfig) -> tuple[np.ndarray, dict]:
@@ -136,8 +160,15 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, progress: bool = True) -> BitPlan:
-    """Replace the calibrated linears of `model` by QuantLinear; returns the BitPlan that was applied."""
+def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, progress: bool = True,
+              device: str | torch.device | None = None) -> BitPlan:
+    """Replace the calibrated linears of `model` by QuantLinear; returns the BitPlan that was applied.
+
+    The decompositions and residue quantization run on `device` (None: where each weight is), one
+    layer at a time; the QuantLinear layers are stored where the model is. Memory stays flat in the
+    model size: the first pass keeps only each layer's small branches and residue variance, the
+    second recomputes the residue from the original weight, quantizes it and frees the weight.
+    """
     linears = quantizable_linears(model)
     missing = [n for n in stats.layers if n not in linears]
     if missing:
@@ -149,14 +180,15 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
     if config.act_clip_search and stats.act_hist is None:
         raise ValueError("the activation clip search needs activation histograms; collect the activation "
                          "statistics with CalibrationConfig(act_hist=True)")
+    device = None if device is None else torch.device(device)
 
     branches: dict[str, _Branches] = {}
     variances = np.zeros(len(names))
     for i, name in enumerate(tqdm(names, desc=f"decompose ({config.decomposition})", disable=not progress)):
-        layer = linears[name]
-        residue, branches[name] = split_weight(layer.weight, config)
-        layer.weight.data = residue  # same size as the original: memory stays flat
+        residue, br = split_weight(linears[name].weight, config, device)
         variances[i] = max(layer_weight_variance(residue), 1e-30)
+        branches[name] = br.to("cpu")   # small; the device keeps room for the next layer
+        del residue
     sizes = np.array([linears[n].weight.numel() for n in names], dtype=np.int64)
     w_bits, w_info = _weight_bits(variances, sizes, config)
 
@@ -165,7 +197,9 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
 
     layer_plans = []
     for i, name in enumerate(tqdm(names, desc="quantize residues", disable=not progress)):
-        layer, br = linears.pop(name), branches.pop(name)  # pop: the fp32 residue is freed once replaced
+        layer, br = linears.pop(name), branches.pop(name)  # pop: the original weight is freed once replaced
+        home = layer.weight.device
+        residue = _residue(_rotated(layer.weight, config, device), br.to(device or home))
         group_size = config.group_size_for(int(w_bits[i]))
         wq = WeightQuantConfig(bits=int(w_bits[i]), group_size=group_size, scale_search=config.scale_search,
                                scale_dtype=_scale_dtype(config, group_size))
@@ -173,17 +207,21 @@ def quantize_(model: nn.Module, config: QDiT4SRConfig, stats: ActivationStats, p
         scales = [_static_scale(stats.second_moment[i, s:e], stats.amax[i, s:e], int(a_bits[i, k]),
                                 None if hist is None else hist[s:e]) for k, (s, e) in enumerate(segments)]
         if config.error_compensation != "none":
-            target, gram = layer.weight.data, torch.from_numpy(stats.gram[name])
+            target, gram = residue, torch.from_numpy(stats.gram[name]).to(residue.device)
             if config.error_compensation == "gptq_act":
                 target, gram = activation_noise_target(target, gram, _act_noise_var(a_bits[i], scales, segments))
             residual = gptq_quantize(target, gram, wq, config.gptq_damp)
         else:
-            residual = quantize_weight(layer.weight.data, wq)
-        keep = lambda t: _storage_round(t, config)  # noqa: E731
+            residual = quantize_weight(residue, wq)
+        del residue
+        residual = QuantizedWeight(residual.qweight.to(home), residual.scales.to(home), residual.bits,
+                                   residual.group_size)
+        keep = lambda t: None if t is None else _storage_round(t, config).to(home)  # noqa: E731
         qlayer = QuantLinear(residual, keep(layer.bias), hadamard=config.hadamard, act_bits=list(a_bits[i]),
                              act_scales=scales, segment_of_step=segment_of_step, up=keep(br.up),
                              down=keep(br.down), block_sigma=keep(br.sigma), block_u=keep(br.u), block_v=keep(br.v))
         _set_module(model, name, qlayer)
+        del layer
         layer_plans.append(LayerPlan(name=name, in_features=qlayer.in_features, out_features=qlayer.out_features,
                                      weight_bits=int(w_bits[i]), weight_variance=float(variances[i]),
                                      act_bits=[int(b) for b in a_bits[i]], act_scales=scales,

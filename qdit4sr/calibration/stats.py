@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from ..fileio import atomic_write, atomic_write_text
-from ..models.images import TRAIN_PHOTOS, degrade_x4, load_photo, resize_bicubic, to_tensor
+from ..models.images import TRAIN_PHOTOS, degrade_x4, fit_short_side, load_photo, resize_bicubic, to_tensor
 from ..models.step_context import current_step
 from .actclip import HIST_BINS, abs_histogram
 from .hadamard import apply_hadamard
@@ -97,15 +98,46 @@ class ActivationStats:
         return {name: i for i, name in enumerate(self.layers)}
 
 
+ROW_CHUNK_ELEMENTS = 2**24  # rows of a layer input rotated at once (128 MB in float64)
+
+
+def _rotated_chunks(x: torch.Tensor, hadamard: bool):
+    """Rows of x [.., K] as [n, K] chunks, widened and Hadamard-rotated, on x's device, whatever x's dtype.
+
+    float64 on the CPU (as before: as cheap as float32 there), float32 on accelerators (where float64
+    is slow). In chunks, so the widened copy of a large bf16 activation never exists whole.
+    """
+    compute = torch.float64 if x.device.type == "cpu" else torch.float32
+    rows = x.detach().reshape(-1, x.shape[-1])
+    step = max(1, ROW_CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step].to(compute)
+        yield apply_hadamard(chunk) if hadamard else chunk
+
+
+def _moments(x: torch.Tensor, hadamard: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of squares as float64, amax) of the rotated x, on x's device."""
+    sq = torch.zeros((), dtype=torch.float64, device=x.device)
+    amax = torch.zeros((), dtype=torch.float64, device=x.device)
+    for chunk in _rotated_chunks(x, hadamard):
+        sq += chunk.square().sum(dtype=torch.float64)
+        amax = torch.maximum(amax, chunk.abs().amax().double())
+    return sq, amax
+
+
 class _Recorder:
-    """Forward pre-hooks accumulating sum(x^2), count and amax per (layer, step)."""
+    """Forward pre-hooks accumulating sum(x^2), count and amax per (layer, step), optionally histograms
+    and Gram matrices.
+
+    Sums, maxima and Grams stay on the compute device (float64) until the end: no device sync per call.
+    """
 
     def __init__(self, layers: dict[str, torch.nn.Module], steps: int, hadamard: bool, gram: bool = False,
-                 act_hist: bool = False):
+                 act_hist: bool = False, device: torch.device | str = "cpu"):
         self.names = list(layers)
-        self.sq = np.zeros((len(layers), steps))
+        self.sq = torch.zeros((len(layers), steps), dtype=torch.float64, device=device)
+        self.amax = torch.zeros((len(layers), steps), dtype=torch.float64, device=device)
         self.count = np.zeros((len(layers), steps))
-        self.amax = np.zeros((len(layers), steps))
         self.hadamard = hadamard
         self.gram = [None] * len(layers) if gram else None
         self.hist = np.zeros((len(layers), steps, HIST_BINS)) if act_hist else None
@@ -116,18 +148,17 @@ class _Recorder:
             step = current_step()
             if step is None:
                 return
-            x = args[0].detach().double()
-            if self.hadamard:
-                x = apply_hadamard(x)
-            self.sq[index, step] += float(x.square().sum())
+            x = args[0]
+            for chunk in _rotated_chunks(x, self.hadamard):
+                self.sq[index, step] += chunk.square().sum(dtype=torch.float64).to(self.sq.device)
+                self.amax[index, step] = torch.maximum(self.amax[index, step],
+                                                       chunk.abs().amax().to(self.amax.device, torch.float64))
+                if self.hist is not None:
+                    self.hist[index, step] += abs_histogram(chunk)
+                if self.gram is not None:
+                    g = (chunk.mT @ chunk).double()
+                    self.gram[index] = g if self.gram[index] is None else self.gram[index] + g
             self.count[index, step] += x.numel()
-            self.amax[index, step] = max(self.amax[index, step], float(x.abs().max()))
-            if self.hist is not None:
-                self.hist[index, step] += abs_histogram(x)
-            if self.gram is not None:
-                flat = x.reshape(-1, x.shape[-1])
-                g = flat.mT @ flat
-                self.gram[index] = g if self.gram[index] is None else self.gram[index] + g
         return hook
 
     def mean_grams(self) -> dict[str, np.ndarray] | None:
@@ -135,7 +166,7 @@ class _Recorder:
         if self.gram is None:
             return None
         tokens = {i: self.count[i].sum() / g.shape[0] for i, g in enumerate(self.gram)}
-        return {name: (self.gram[i] / tokens[i]).numpy() for i, name in enumerate(self.names)}
+        return {name: (self.gram[i] / tokens[i]).cpu().numpy() for i, name in enumerate(self.names)}
 
     def remove(self) -> None:
         for h in self.handles:
@@ -145,9 +176,9 @@ class _Recorder:
 class _LogitRanges:
     """Puts a LogitRecorder into every attention core (explicit attention) and records max |logit| per step."""
 
-    def __init__(self, cores: dict, steps: int):
+    def __init__(self, cores: dict, steps: int, device: torch.device | str = "cpu"):
         self.names = list(cores)
-        self.amax = np.zeros((len(cores), steps))
+        self.amax = torch.zeros((len(cores), steps), dtype=torch.float64, device=device)
         self.seen = np.zeros((len(cores), steps), dtype=bool)
         self._cores = cores
         self._before = {name: core.softmax for name, core in cores.items()}
@@ -159,7 +190,8 @@ class _LogitRanges:
             step = current_step()
             if step is None:
                 return
-            self.amax[index, step] = max(self.amax[index, step], float(logits.detach().abs().max()))
+            amax = logits.detach().abs().amax().to(self.amax.device, torch.float64)
+            self.amax[index, step] = torch.maximum(self.amax[index, step], amax)
             self.seen[index, step] = True
         return record
 
@@ -169,17 +201,25 @@ class _LogitRanges:
 
 
 def calibration_images(config: CalibrationConfig, lr_crop: int) -> list[torch.Tensor]:
-    """Deterministic LR crops (x4-degraded) from the training photos; held-out photos stay unseen."""
+    """Deterministic LR crops (x4-degraded) from the training photos; held-out photos stay unseen.
+
+    Photos smaller than the HR crop are enlarged to fit it (with a message), so any crop size works.
+    """
     rng = np.random.default_rng(config.seed)
-    photos = [load_photo(n) for n in TRAIN_PHOTOS]
-    crops = []
     hr_size = lr_crop * config.scale
+    photos = []
+    for name in TRAIN_PHOTOS:
+        photo, enlarged = fit_short_side(to_tensor(load_photo(name)), hr_size)
+        if enlarged:
+            tqdm.write(f"calibration: photo {name} is smaller than the {hr_size}x{hr_size} crop; enlarged to "
+                       f"{photo.shape[-1]}x{photo.shape[-2]}", file=sys.stderr)
+        photos.append(photo)
+    crops = []
     for _ in range(config.num_images):
         photo = photos[rng.integers(len(photos))]
-        h, w = photo.shape[:2]
+        h, w = photo.shape[-2:]
         top, left = int(rng.integers(0, h - hr_size + 1)), int(rng.integers(0, w - hr_size + 1))
-        hr = to_tensor(photo[top:top + hr_size, left:left + hr_size])
-        crops.append(degrade_x4(hr, config.scale))
+        crops.append(degrade_x4(photo[..., top:top + hr_size, left:left + hr_size], config.scale))
     return crops
 
 
@@ -193,8 +233,9 @@ def collect_activation_stats(pipeline, layers: dict[str, torch.nn.Module], confi
     tile_px = pipeline.config.tile_size * pipeline.codec.downsample
     lr_crop = config.lr_crop or tile_px // config.scale
     timesteps = pipeline.sampler_timesteps()
-    recorder = _Recorder(layers, len(timesteps), config.hadamard, config.gram, config.act_hist)
-    logits = _LogitRanges(attention_cores(pipeline.transformer), len(timesteps))
+    device = pipeline.device
+    recorder = _Recorder(layers, len(timesteps), config.hadamard, config.gram, config.act_hist, device)
+    logits = _LogitRanges(attention_cores(pipeline.transformer), len(timesteps), device)
     try:
         if images is None:
             images = calibration_images(config, lr_crop)
@@ -203,7 +244,7 @@ def collect_activation_stats(pipeline, layers: dict[str, torch.nn.Module], confi
         batches = [torch.cat(images[i:i + config.batch_size]) for i in range(0, len(images), config.batch_size)]
         for i, lr in enumerate(tqdm(batches, desc="calibration", disable=not progress)):
             cond = resize_bicubic(lr, lr.shape[-2] * config.scale, lr.shape[-1] * config.scale)
-            latent = pipeline.codec.encode(cond)
+            latent = pipeline.codec.encode(cond.to(device))
             pipeline.denoise(latent, config.seed * 100003 + i)
     finally:
         recorder.remove()
@@ -214,5 +255,6 @@ def collect_activation_stats(pipeline, layers: dict[str, torch.nn.Module], confi
     if not logits.seen.all():
         missing = sorted({logits.names[i] for i in np.nonzero(~logits.seen.all(1))[0]})
         raise RuntimeError(f"no attention logits recorded for {len(missing)} attention cores, e.g. {missing[:3]}")
-    return ActivationStats(recorder.names, timesteps, recorder.sq / recorder.count, recorder.amax, config,
-                           logits.names, logits.amax, recorder.mean_grams(), recorder.hist)
+    return ActivationStats(recorder.names, timesteps, recorder.sq.cpu().numpy() / recorder.count,
+                           recorder.amax.cpu().numpy(), config, logits.names, logits.amax.cpu().numpy(),
+                           recorder.mean_grams(), recorder.hist)

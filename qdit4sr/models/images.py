@@ -68,6 +68,15 @@ def resize_bicubic(image: torch.Tensor, height: int, width: int) -> torch.Tensor
     return out.clamp(0, 1).to(image.dtype)
 
 
+def fit_short_side(image: torch.Tensor, side: int) -> tuple[torch.Tensor, bool]:
+    """image [1, 3, H, W] enlarged (bicubic, aspect kept) so its short side is at least `side`; and whether it was."""
+    h, w = image.shape[-2:]
+    if min(h, w) >= side:
+        return image, False
+    factor = side / min(h, w)
+    return resize_bicubic(image, max(side, round(h * factor)), max(side, round(w * factor))), True
+
+
 def degrade_x4(hr: torch.Tensor, scale: int = 4) -> torch.Tensor:
     """HR [B, 3, H, W] -> LR [B, 3, H/scale, W/scale] (antialiased bicubic)."""
     h, w = hr.shape[-2:]

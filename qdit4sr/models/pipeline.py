@@ -16,20 +16,23 @@ never loads diffusers.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..noise import gaussian_noise
 from .flow_match import FlowMatchEulerSchedule
 from .images import resize_bicubic, to_rgb8, to_tensor, to_uint8
 from .latents import load_codec
+from .placement import DeviceConfig, model_device, model_dtype, place
 from .step_context import step_scope
 from .tiling import gaussian_weights, tile_windows
 
@@ -62,9 +65,20 @@ class PipelineConfig:
         return cls(**{**{k: v for k, v in raw.items() if k in known}, **overrides})
 
 
+PROMPT_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+class PromptError(ValueError):
+    """Prompt embeddings that do not fit the transformer (or the exported graphs)."""
+
+
 @dataclass
 class PromptEmbeddings:
-    """Precomputed text conditioning (the text encoders are not part of this tool)."""
+    """Precomputed text conditioning (the text encoders are not part of this tool).
+
+    The file format is one safetensors file with the keys of PROMPT_KEYS (the negative pair optional),
+    as SD3's `encode_prompt` returns them.
+    """
 
     prompt_embeds: torch.Tensor                 # [1, S, joint_attention_dim]
     pooled_prompt_embeds: torch.Tensor          # [1, pooled_projection_dim]
@@ -76,10 +90,62 @@ class PromptEmbeddings:
         return cls(torch.zeros(1, tokens, joint_dim), torch.zeros(1, pooled_dim))
 
     @classmethod
-    def from_file(cls, path: Path) -> "PromptEmbeddings":
-        t = load_file(str(path))
-        return cls(t["prompt_embeds"], t["pooled_prompt_embeds"], t.get("negative_prompt_embeds"),
-                   t.get("negative_pooled_prompt_embeds"))
+    def from_file(cls, path: str | Path) -> "PromptEmbeddings":
+        path = Path(path)
+        if not path.is_file():
+            raise PromptError(f"prompt embeddings file {path} does not exist")
+        try:
+            t = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise PromptError(f"{path.name} is not a readable safetensors file ({e})") from e
+        unknown = sorted(set(t) - set(PROMPT_KEYS))
+        missing = [k for k in PROMPT_KEYS[:2] if k not in t]
+        if missing or unknown:
+            raise PromptError(f"{path.name} must hold {', '.join(PROMPT_KEYS[:2])} (and optionally the negative "
+                              f"pair); missing {missing}, unknown {unknown}")
+        return cls(*(t.get(k) for k in PROMPT_KEYS))
+
+    @property
+    def has_negative(self) -> bool:
+        return self.negative_prompt_embeds is not None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.prompt_embeds.shape[1])
+
+    def validate(self, joint_dim: int, pooled_dim: int, tokens: int | None = None) -> "PromptEmbeddings":
+        """Raise PromptError naming every shape that does not fit; returns self.
+
+        `tokens`: the fixed text length of exported graphs (None: any length, the same for both prompts).
+        """
+        problems = []
+        expect = {"prompt_embeds": (1, tokens or self.tokens, joint_dim), "pooled_prompt_embeds": (1, pooled_dim)}
+        if (self.negative_prompt_embeds is None) != (self.negative_pooled_prompt_embeds is None):
+            problems.append("negative_prompt_embeds and negative_pooled_prompt_embeds come together or not at all")
+        elif self.has_negative:
+            expect.update(negative_prompt_embeds=expect["prompt_embeds"],
+                          negative_pooled_prompt_embeds=expect["pooled_prompt_embeds"])
+        for key, shape in expect.items():
+            t = getattr(self, key)
+            if tuple(t.shape) != shape:
+                problems.append(f"{key} has shape {list(t.shape)}, expected {list(shape)}")
+            elif not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                problems.append(f"{key} must hold finite floats")
+        if problems:
+            raise PromptError("prompt embeddings do not fit the transformer: " + "; ".join(problems))
+        return self
+
+    def describe(self, guidance_scale: float) -> str:
+        """One line for summaries: how many text tokens, and whether CFG is used."""
+        if self.has_negative and guidance_scale > 1.0:
+            cfg = f"CFG {guidance_scale:g} with the negative prompt"
+        else:
+            cfg = "no CFG" + (f" (guidance {guidance_scale:g})" if self.has_negative else " (no negative prompt)")
+        return f"{self.tokens} text tokens, {cfg}"
+
+    def to(self, device, dtype) -> "PromptEmbeddings":
+        return PromptEmbeddings(*(None if t is None else t.to(device=device, dtype=dtype)
+                                  for t in (getattr(self, k) for k in PROMPT_KEYS)))
 
 
 @dataclass(frozen=True)
@@ -106,20 +172,50 @@ class UpscaleWork:
 
 
 class DiT4SRPipeline:
-    def __init__(self, transformer, codec, config: PipelineConfig, prompt: PromptEmbeddings | None = None):
+    """The sampler around a transformer (torch module or exported stand-in) and a latent codec.
+
+    The sampler state (noise, latents, velocities) is float32 on `device`; the transformer sees its
+    inputs in `dtype`. Both follow the transformer unless given (`placed` sets them for a run).
+    """
+
+    def __init__(self, transformer, codec, config: PipelineConfig, prompt: PromptEmbeddings | None = None,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         self.transformer = transformer.eval()
         self.codec = codec
         self.config = config
         tc = transformer.config
         self.prompt = prompt or PromptEmbeddings.null(tc.joint_attention_dim, tc.pooled_projection_dim)
+        self.prompt.validate(tc.joint_attention_dim, tc.pooled_projection_dim)
+        self.device = torch.device(device) if device is not None else model_device(transformer)
+        self.dtype = dtype or model_dtype(transformer)
         self.step_callbacks: list[Callable[[int, float], None]] = []
         self.tile_callbacks: list[Callable[[int], None]] = []
+        self._prompt_cache: tuple | None = None
+
+    @contextlib.contextmanager
+    def placed(self, placement: DeviceConfig) -> Iterator["DiT4SRPipeline"]:
+        """Run on `placement`'s device and dtype (the transformer offloaded block by block if asked).
+
+        Afterwards the model keeps the dtype; it stays on the device, or is back in host memory
+        when offloaded.
+        """
+        with place(self.transformer, placement):
+            self.device, self.dtype = placement.torch_device, placement.torch_dtype
+            self.codec.to(self.device, self.dtype)
+            try:
+                yield self
+            finally:
+                if placement.offload:
+                    self.device = torch.device("cpu")
+                    self.codec.to(self.device, self.dtype)
 
     @classmethod
     def from_folder(cls, path: str | Path, *, transformer_overrides: dict | None = None,
-                    dtype: torch.dtype | None = torch.float32, **config_overrides) -> "DiT4SRPipeline":
+                    dtype: torch.dtype | None = torch.float32, prompt: PromptEmbeddings | None = None,
+                    **config_overrides) -> "DiT4SRPipeline":
         """The transformer (config entries overridden by `transformer_overrides`, e.g. the variant, so it is
-        read once), the codec, pipeline.json (else DiT4SR's defaults) and prompt_embeds.safetensors."""
+        read once) in `dtype`, the codec, pipeline.json (else DiT4SR's defaults; `config_overrides` win)
+        and the prompt: `prompt`, else the folder's prompt_embeds.safetensors, else the null prompt."""
         from .loading import load_transformer  # diffusers' blocks: loaded only when a torch model is
 
         folder = Path(path)
@@ -129,7 +225,8 @@ class DiT4SRPipeline:
         config = PipelineConfig.from_json(cfg_file, **config_overrides) if cfg_file.is_file() \
             else PipelineConfig(**config_overrides)
         prompt_file = folder / "prompt_embeds.safetensors"
-        prompt = PromptEmbeddings.from_file(prompt_file) if prompt_file.is_file() else None
+        if prompt is None and prompt_file.is_file():
+            prompt = PromptEmbeddings.from_file(prompt_file)
         return cls(transformer, codec, config, prompt)
 
     # -- sampling -----------------------------------------------------------------------------------
@@ -141,20 +238,31 @@ class DiT4SRPipeline:
         return [float(t) for t in self.make_scheduler().timesteps]
 
     def _use_cfg(self) -> bool:
-        return self.config.guidance_scale > 1.0 and self.prompt.negative_prompt_embeds is not None
+        return self.config.guidance_scale > 1.0 and self.prompt.has_negative
+
+    def _prompt_on_device(self) -> PromptEmbeddings:
+        key = (id(self.prompt), self.device, self.dtype)
+        if self._prompt_cache is None or self._prompt_cache[0] != key:
+            self._prompt_cache = (key, self.prompt.to(self.device, self.dtype))
+        return self._prompt_cache[1]
 
     def _velocity(self, x: torch.Tensor, lr: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One batched transformer call on tiles x, lr [B, C, h, w], with CFG when configured."""
+        """One batched transformer call on tiles x, lr [B, C, h, w], with CFG when configured.
+
+        The transformer gets its inputs in the pipeline's dtype; the velocity comes back in x's dtype.
+        """
         b = x.shape[0]
-        p = self.prompt
+        p = self._prompt_on_device()
+        out_dtype = x.dtype
+        x, lr, t = x.to(self.dtype), lr.to(self.dtype), t.to(self.dtype)
         if self._use_cfg():
             text = torch.cat([p.negative_prompt_embeds.expand(b, -1, -1), p.prompt_embeds.expand(b, -1, -1)])
             pooled = torch.cat([p.negative_pooled_prompt_embeds.expand(b, -1), p.pooled_prompt_embeds.expand(b, -1)])
-            v = self.transformer(torch.cat([x, x]), torch.cat([lr, lr]), text, pooled, t.expand(2 * b))
+            v = self.transformer(torch.cat([x, x]), torch.cat([lr, lr]), text, pooled, t.expand(2 * b)).to(out_dtype)
             v_uncond, v_cond = v.chunk(2)
             return v_uncond + self.config.guidance_scale * (v_cond - v_uncond)
         return self.transformer(x, lr, p.prompt_embeds.expand(b, -1, -1), p.pooled_prompt_embeds.expand(b, -1),
-                                t.expand(b))
+                                t.expand(b)).to(out_dtype)
 
     def predict_velocity(self, x: torch.Tensor, lr: torch.Tensor, t: torch.Tensor, tiled: bool = True) -> torch.Tensor:
         """Velocity for a full latent [1, C, H, W]: blended over overlapping tiles when it exceeds one tile."""
@@ -166,14 +274,14 @@ class DiT4SRPipeline:
             return v
         windows = tile_windows(h, w, cfg.tile_size, cfg.tile_overlap)
         out = torch.zeros_like(x)
-        norm = torch.zeros(1, 1, h, w, dtype=x.dtype)
+        norm = torch.zeros(1, 1, h, w, dtype=x.dtype, device=x.device)
         for start in range(0, len(windows), cfg.tile_batch):
             chunk = windows[start:start + cfg.tile_batch]
             xs = torch.cat([x[..., r, c] for r, c in chunk])
             ls = torch.cat([lr[..., r, c] for r, c in chunk])
             vs = self._velocity(xs, ls, t).unflatten(0, (len(chunk), x.shape[0]))
             for (r, c), v in zip(chunk, vs):
-                weight = gaussian_weights(v.shape[-2], v.shape[-1]).to(x.dtype)
+                weight = gaussian_weights(v.shape[-2], v.shape[-1]).to(device=x.device, dtype=x.dtype)
                 out[..., r, c] += v * weight
                 norm[..., r, c] += weight
             self._tiles_done(len(chunk))
@@ -185,17 +293,22 @@ class DiT4SRPipeline:
 
     @torch.no_grad()
     def denoise(self, lr_latent: torch.Tensor, seed: int = 0, tiled: bool = True) -> torch.Tensor:
-        """Sample a latent from `seed`'s portable noise (see qdit4sr.noise) conditioned on lr_latent."""
+        """Sample a latent from `seed`'s portable noise (see qdit4sr.noise) conditioned on lr_latent.
+
+        The noise is drawn on the CPU and moved to the pipeline's device, so a seed means the same
+        sample on every device; the sampler state stays in lr_latent's dtype there.
+        """
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int (the noise is qdit4sr.noise's, not a torch generator's), "
                             f"got {type(seed).__name__}")
         scheduler = self.make_scheduler()
-        x = torch.from_numpy(gaussian_noise(tuple(lr_latent.shape), int(seed))).to(lr_latent.dtype)
+        lr_latent = lr_latent.to(self.device)
+        x = torch.from_numpy(gaussian_noise(tuple(lr_latent.shape), int(seed))).to(self.device, lr_latent.dtype)
         for i, t in enumerate(scheduler.timesteps):
             for callback in self.step_callbacks:
                 callback(i, float(t))
             with step_scope(i):
-                v = self.predict_velocity(x, lr_latent, t.reshape(1).to(x.dtype), tiled=tiled)
+                v = self.predict_velocity(x, lr_latent, t.reshape(1).to(x.device, x.dtype), tiled=tiled)
             x = scheduler.step(v, i, x)
         return x
 
@@ -232,9 +345,9 @@ class DiT4SRPipeline:
         lr_t = to_tensor(lr)
         cond = resize_bicubic(lr_t, out_h, out_w)
         padded = torch.nn.functional.pad(cond, (0, pad_w, 0, pad_h), mode="replicate")
-        lr_latent = self.codec.encode(padded)
+        lr_latent = self.codec.encode(padded.to(self.device))
         latent = self.denoise(lr_latent, seed)
-        sr = self.codec.decode(latent)[..., :out_h, :out_w]
+        sr = self.codec.decode(latent).cpu()[..., :out_h, :out_w]
         if self.config.color_fix == "adain":
             sr = adain_color_fix(sr, cond)
         if enlarge > 1.0:

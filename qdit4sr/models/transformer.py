@@ -28,8 +28,14 @@ class AttentionCore(nn.Module):
 
     Fused (SDPA) while `softmax` is None. Calibration and quantization put a module there (the logit
     recorder, the 8-bit softmax-input quantizer), which switches to the explicit form so that module
-    sees the scaled logits.
+    sees the scaled logits. Eagerly, the explicit form runs over chunks of heads (and of query rows
+    when one head is too large) holding at most `max_scores` logits at once: full-size DiT4SR
+    calibration would otherwise materialise [32, 24, 2202, 2202] logits (15 GB in float32). Every
+    chunk is whole softmax rows, so the result is the same. Low-precision inputs get float32 logits
+    and softmax. Traced for export, the single-op form is kept.
     """
+
+    max_scores: int = 2**26   # logits per chunk (256 MB in float32)
 
     def __init__(self):
         super().__init__()
@@ -38,8 +44,31 @@ class AttentionCore(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.softmax is None:
             return F.scaled_dot_product_attention(q, k, v)
-        logits = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # SDPA's default scale
-        return self.softmax(logits) @ v
+        scale = 1.0 / math.sqrt(q.shape[-1])  # SDPA's default scale
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return self.softmax((q @ k.transpose(-1, -2)) * scale) @ v
+        return self._chunked(q, k, v, scale)
+
+    def _chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        b, h, n, _ = q.shape
+        m = k.shape[-2]
+        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+
+        def attend(qc, kc, vc):  # 4-D slices, so the softmax module sees [batch, heads, rows, keys] logits
+            logits = (qc.to(compute) @ kc.to(compute).transpose(-1, -2)) * scale
+            return (self.softmax(logits) @ vc.to(compute)).to(q.dtype)
+
+        if b * h * n * m <= self.max_scores:
+            return attend(q, k, v)
+        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        heads = max(1, min(h, self.max_scores // (n * m)))
+        rows = n if n * m <= self.max_scores else max(1, self.max_scores // m)
+        for i in range(b):
+            for j in range(0, h, heads):
+                sl = (slice(i, i + 1), slice(j, j + heads))
+                for r in range(0, n, rows):
+                    out[sl + (slice(r, r + rows),)] = attend(q[sl + (slice(r, r + rows),)], k[sl], v[sl])
+        return out
 
 
 class ControlAttention(Attention):
