@@ -4,11 +4,14 @@ The placeholder graph is the same for every timestep segment and flavour: only t
 placeholders differs (see graph_rewrite). So the TorchScript exporter runs once per export, and the
 quantized weights never pass through it (they are written straight into the external-data file).
 
-Each QuantLinear is temporarily swapped for `PlaceholderLinear`, whose forward calls an autograd
-Function with a `symbolic`: in eager mode it runs the real layer (so the traced values stay
-meaningful), in the exported graph it becomes `PLACEHOLDER_DOMAIN::QuantLinear(x)` with the layer
-name as attribute. Each attention core's QuantSoftmax becomes `PLACEHOLDER_DOMAIN::QuantSoftmax(logits)`
-with the core's name as attribute `site` in the same way (its scale differs per segment).
+Each QuantLinear is temporarily swapped for `PlaceholderLinear`, and each attention core's
+QuantSoftmax for `PlaceholderSoftmax`. Both call a torch custom op (`qdit4sr_placeholder::*`) whose
+ONNX symbolic is `PLACEHOLDER_DOMAIN::QuantLinear(x)` with the layer name as attribute `layer`, or
+`PLACEHOLDER_DOMAIN::QuantSoftmax(logits)` with the core's name as attribute `site` (its scale differs
+per segment). Eagerly the ops return zeros of the output shape: the trace needs shapes only, so the
+quantized weights are never dequantized. Custom ops, not autograd Functions with a `symbolic`: the
+tracer keeps every autograd Function's tensors alive until the trace ends, which made export memory
+grow with depth (the attention logits alone are 1 GB per site at DiT4SR's tile).
 """
 from __future__ import annotations
 
@@ -34,29 +37,51 @@ BASE_OPSET = 20
 FOLD_SIZE_LIMIT = 1 << 30  # folded constants up to 1 GiB: the largest crop is the whole table
 
 
-def _run_untraced(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The tracer records the calling Function as one node; run the real module untraced, or its
-    Python code would see traced sizes (tensors) instead of ints."""
-    state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
-    try:
-        return module(x)
-    finally:
-        torch._C._set_tracing_state(state)
+_OPS = "qdit4sr_placeholder"
 
 
-class _PlaceholderFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, stub: "PlaceholderLinear") -> torch.Tensor:
-        return _run_untraced(stub.layer, x)
+@torch.library.custom_op(f"{_OPS}::quant_linear", mutates_args=())
+def _quant_linear_op(x: torch.Tensor, out_features: int, layer: str) -> torch.Tensor:
+    return x.new_zeros(*x.shape[:-1], out_features)
 
-    @staticmethod
-    def symbolic(g, x, stub: "PlaceholderLinear"):
-        y = g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", x, layer_s=stub.layer_name)
-        sizes = x.type().varyingSizes()
-        if sizes is not None:  # rank known: declare it so the exporter's own inference can continue
-            y.setType(x.type().with_sizes(list(sizes[:-1]) + [stub.out_features]))
-        return y
+
+@_quant_linear_op.register_fake
+def _(x, out_features, layer):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op(f"{_OPS}::quant_softmax", mutates_args=())
+def _quant_softmax_op(logits: torch.Tensor, site: str) -> torch.Tensor:
+    return torch.zeros_like(logits)
+
+
+@_quant_softmax_op.register_fake
+def _(logits, site):
+    return torch.empty_like(logits)
+
+
+def _linear_symbolic(g, x, out_features, layer):
+    from torch.onnx import symbolic_helper
+
+    n = symbolic_helper._maybe_get_const(out_features, "i")
+    y = g.op(f"{PLACEHOLDER_DOMAIN}::{PLACEHOLDER_OP}", x, layer_s=symbolic_helper._maybe_get_const(layer, "s"))
+    sizes = x.type().varyingSizes()
+    if sizes is not None:  # rank known: declare it so the exporter's own inference can continue
+        y.setType(x.type().with_sizes(list(sizes[:-1]) + [int(n)]))
+    return y
+
+
+def _softmax_symbolic(g, logits, site):
+    from torch.onnx import symbolic_helper
+
+    y = g.op(f"{PLACEHOLDER_DOMAIN}::{SOFTMAX_PLACEHOLDER_OP}", logits,
+             site_s=symbolic_helper._maybe_get_const(site, "s"))
+    y.setType(logits.type())
+    return y
+
+
+torch.onnx.register_custom_op_symbolic(f"{_OPS}::quant_linear", _linear_symbolic, 1)
+torch.onnx.register_custom_op_symbolic(f"{_OPS}::quant_softmax", _softmax_symbolic, 1)
 
 
 class PlaceholderLinear(nn.Module):
@@ -72,19 +97,7 @@ class PlaceholderLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.input_rank = x.dim()
-        return _PlaceholderFn.apply(x, self)
-
-
-class _SoftmaxPlaceholderFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, stub: "PlaceholderSoftmax") -> torch.Tensor:
-        return _run_untraced(stub.softmax, logits)
-
-    @staticmethod
-    def symbolic(g, logits, stub: "PlaceholderSoftmax"):
-        y = g.op(f"{PLACEHOLDER_DOMAIN}::{SOFTMAX_PLACEHOLDER_OP}", logits, site_s=stub.site)
-        y.setType(logits.type())
-        return y
+        return _quant_linear_op(x, self.out_features, self.layer_name)
 
 
 class PlaceholderSoftmax(nn.Module):
@@ -98,7 +111,7 @@ class PlaceholderSoftmax(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         self.called = True
-        return _SoftmaxPlaceholderFn.apply(logits, self)
+        return _quant_softmax_op(logits, self.site)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

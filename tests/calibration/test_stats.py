@@ -35,9 +35,8 @@ def test_statistics_match_a_direct_computation(micro_model):
     for step in range(3):
         xs = [apply_hadamard(seen[img * 3 + step]) for img in range(2)]
         v = sum(float(x.square().sum()) for x in xs) / sum(x.numel() for x in xs)
-        # Statistics are computed in float32 (on any device) and summed in float64.
-        assert stats.second_moment[i, step] == pytest.approx(v, rel=1e-6)
-        assert stats.amax[i, step] == pytest.approx(max(float(x.abs().max()) for x in xs), rel=1e-6)
+        assert stats.second_moment[i, step] == pytest.approx(v, rel=1e-9)
+        assert stats.amax[i, step] == pytest.approx(max(float(x.abs().max()) for x in xs), rel=1e-9)
     assert stats.timesteps[0] == pytest.approx(1000.0)
 
 
