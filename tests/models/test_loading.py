@@ -75,13 +75,14 @@ def test_save_leaves_no_temporary_files(tmp_path, micro_model):
 
 def test_pipeline_applies_transformer_overrides_in_one_load(tmp_path, micro_model, monkeypatch):
     """A variant override is part of the one load (a second load would double peak memory)."""
+    import qdit4sr.models.loading as loading_module
     import qdit4sr.models.pipeline as pipeline_module
     from qdit4sr.models.latents import PixelUnshuffleCodec
 
     save_transformer(micro_model, tmp_path)
     PixelUnshuffleCodec().save(tmp_path)
     calls = []
-    monkeypatch.setattr(pipeline_module, "load_transformer",
+    monkeypatch.setattr(loading_module, "load_transformer",
                         lambda *a, **k: calls.append(k) or load_transformer(*a, **k))
     pipe = pipeline_module.DiT4SRPipeline.from_folder(tmp_path, transformer_overrides={"variant": "dit4sr_q"},
                                                       dtype=torch.bfloat16)
