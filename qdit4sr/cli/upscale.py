@@ -90,6 +90,7 @@ def upscale_command(image, engines, output, flavour, seed, progress):
     try:
         pipe = load_exported_pipeline(engines, flavour=flavour)
         work = pipe.upscale_work(lr.shape)
+        flavour = pipe.transformer.runner.flavour   # the default, resolved from the folder and this machine
     except (ManifestError, ValueError, OSError, RuntimeError) as e:
         fail(first_line(e))
     click.echo(f"{image.name}: {work.input_size[0]}x{work.input_size[1]} -> {work.output_size[0]}x"

@@ -25,9 +25,12 @@ def load_entry_point(spec: str):
 SCRIPTS = console_scripts()
 
 
-def test_every_command_of_the_package_is_a_console_script():
-    assert set(SCRIPTS) == {"qdit4sr-export", "qdit4sr-upscale", "qdit4sr-lint-trt", "qdit4sr-profile",
-                            "qdit4sr-build-engines"}
+def test_the_readme_commands_are_console_scripts_and_each_is_a_click_command():
+    import click
+
+    assert {"qdit4sr-export", "qdit4sr-upscale", "qdit4sr-lint-trt", "qdit4sr-profile",
+            "qdit4sr-build-engines"} <= set(SCRIPTS)
+    assert all(isinstance(load_entry_point(spec), click.Command) for spec in SCRIPTS.values())
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

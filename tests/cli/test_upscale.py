@@ -64,7 +64,8 @@ def test_upscale_states_the_cost_and_shows_progress(exported, tmp_path):
     r = _upscale(tmp_path / "lr.png", out, tmp_path / "sr.png")
     assert r.exit_code == 0, r.output
     # 12x10 -> 48x40, pixel-unshuffle x2 -> a 24x20 latent, tiles of 8 overlapping by 2: 4 x 3 tiles.
-    assert "lr.png: 10x12 -> 40x48: 4 sampler steps x 12 latent tile(s) of 8x8 = 48 tile passes in 4 portable " \
+    # The flavour named is the one that runs: the default resolved for this folder (cpu graphs, no engines).
+    assert "lr.png: 10x12 -> 40x48: 4 sampler steps x 12 latent tile(s) of 8x8 = 48 tile passes in 4 cpu " \
            "transformer call(s)" in r.stderr
     assert "denoising" in r.stderr and "48/48" in r.stderr        # the tqdm bar, on stderr
     assert "first step took" in r.stderr and "for the other 3 step(s)" in r.stderr
@@ -126,13 +127,14 @@ def test_unsupported_image_is_refused_before_denoising(exported, tmp_path, no_de
 
 
 def test_missing_graphs_of_the_unused_flavour_do_not_matter(exported, tmp_path):
-    """Deleting the trt graphs leaves the portable run intact; damaging a graph it uses is still caught."""
+    """Deleting the trt graphs leaves the other runs intact; damaging a graph a run uses is still caught,
+    and only by the run that uses it."""
     folder = tmp_path / "engines"
     shutil.copytree(exported[0], folder)
     for graph in folder.glob("segment_*.trt.onnx"):
         graph.unlink()
     Image.new("RGB", (10, 10), (40, 80, 120)).save(tmp_path / "lr.png")
-    r = _upscale(tmp_path / "lr.png", folder, tmp_path / "sr.png", "--no-progress")
+    r = _upscale(tmp_path / "lr.png", folder, tmp_path / "sr.png", "--no-progress", "--flavour", "portable")
     assert r.exit_code == 0, r.output
     r = _upscale(tmp_path / "lr.png", folder, tmp_path / "t.png", "--flavour", "trt")
     assert r.exit_code == 2 and "segment 0 trt graph: file segment_00.trt.onnx is missing" in r.stderr
@@ -140,6 +142,8 @@ def test_missing_graphs_of_the_unused_flavour_do_not_matter(exported, tmp_path):
     data = bytearray(graph.read_bytes())
     data[-1] ^= 1
     graph.write_bytes(bytes(data))
-    r = _upscale(tmp_path / "lr.png", folder, tmp_path / "x.png")
+    r = _upscale(tmp_path / "lr.png", folder, tmp_path / "x.png", "--flavour", "portable")
     assert r.exit_code == 2 and "sha256 of segment_01.portable.onnx does not match" in r.stderr
     assert not (tmp_path / "x.png").exists()
+    r = _upscale(tmp_path / "lr.png", folder, tmp_path / "cpu.png", "--no-progress")   # the default reads cpu graphs
+    assert r.exit_code == 0 and "in 4 cpu transformer call(s)" in r.stderr, r.output
