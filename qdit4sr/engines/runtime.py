@@ -134,7 +134,9 @@ class SegmentedRunner:
         if manifest is None:
             if flavour is None:
                 flavour = default_flavour(_unvalidated_manifest(self.folder))
-            manifest = Manifest.load(self.folder, check_hashes=check_hashes, flavours=(flavour,))
+            # A backend registered under another name gets every file checked.
+            scope = (flavour,) if str(flavour) in Flavour.names() else None
+            manifest = Manifest.load(self.folder, check_hashes=check_hashes, flavours=scope)
         self.manifest = manifest
         self.flavour = default_flavour(self.manifest) if flavour is None else flavour
         if backend is None:
