@@ -1,4 +1,5 @@
-"""On-disk size of the W4A4 Q-DiT4SR export of the full-size DiT4SR transformer, against fp16 (and fp32) weights.
+"""On-disk size of the W4A4 Q-DiT4SR export of the full-size DiT4SR transformer, against fp16 (and fp32) weights,
+per graph flavour (portable, trt, cpu: the weights each flavour's graphs reference in the shared weights.bin).
 
 What is measured and what is extrapolated (printed with the table):
 
@@ -91,6 +92,10 @@ def _category(name: str, dtype: int) -> str:
     kind = onnx.helper.tensor_dtype_to_np_dtype(dtype).name if dtype not in (onnx.TensorProto.INT4,) else "int4"
     if name.endswith(".qweight"):
         return "residue codes (INT4/INT8)"
+    if name.endswith(".qweight_cpu"):
+        return "cpu flavour residue codes (INT8)"
+    if name.endswith(".weight_scale_cpu"):
+        return "cpu flavour weight scales (float32)"
     if ".weight_scale" in name:
         return f"weight scales ({kind})"
     if any(k in name for k in (".lowrank_", ".block_sigma", ".block_u", ".block_v")):
@@ -145,18 +150,27 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="qdit4sr-size-")) if args.out is None else None
     out = args.out or tmp / "export"
     try:
-        exports = export_segments(model, plan, out, TILE_LATENT, TEXT_TOKENS, flavour=("portable", "trt"))
+        exports = export_segments(model, plan, out, TILE_LATENT, TEXT_TOKENS, flavour=("portable", "trt", "cpu"))
         t_export = time.time() - t0 - t_quant
         graphs = [p for e in exports for p in e.graphs.values()]
-        portable = [e.graphs["portable"] for e in exports]
+        by_flavour = {fl: [e.graphs[fl] for e in exports] for fl in ("portable", "trt", "cpu")}
         weights = (out / WEIGHTS_FILE).stat().st_size
-        graph_bytes = sum(p.stat().st_size for p in graphs)
-        portable_graph_bytes = sum(p.stat().st_size for p in portable)
+        graph_bytes = {fl: sum(p.stat().st_size for p in paths) for fl, paths in by_flavour.items()}
+        portable_graph_bytes = graph_bytes["portable"]
         per_owner, per_cat = attribute(out, graphs)
         scale = {"shared": 1, **block_counts}
-        ext_weights = sum(per_owner.get(k, 0) * s for k, s in scale.items())
         graph_scale = DIT4SR_CONFIG["num_layers"] / 3
+
+        def extrapolated(owner_bytes: dict[str, int]) -> float:
+            return sum(owner_bytes.get(k, 0) * s for k, s in scale.items())
+
+        ext_all = extrapolated(per_owner)
+        # The bytes of weights.bin each flavour's graphs reference (the file holds their union).
+        used = {fl: attribute(out, paths)[0] for fl, paths in by_flavour.items()}
+        used["portable+trt"] = attribute(out, by_flavour["portable"] + by_flavour["trt"])[0]
+        ext_weights = extrapolated(used["portable"])
         ext_total = ext_weights + portable_graph_bytes * graph_scale
+        ext_cpu = extrapolated(used["cpu"]) + graph_bytes["cpu"] * graph_scale
         fp16, fp32 = 2 * total_params, 4 * total_params
         bits = plan.weight_bits()
 
@@ -165,13 +179,20 @@ def main() -> None:
         print(f"weight bits per layer (VaSMP): {dict(zip(*np.unique(bits, return_counts=True)))}, "
               f"mean {plan.mean_weight_bits():.2f}; activation bits mean {plan.mean_act_bits():.2f}")
         print(f"full model: {total_params / 1e9:.3f} B params; per block {block_params}; blocks {block_counts}\n")
+        measured = {fl: sum(b for b in used[fl].values()) for fl in used}
         rows = [
-            ("weights.bin (shared by all graphs)", weights, ext_weights, "measured / per-block x 13,10,1"),
+            ("weights.bin, portable + trt + cpu", weights, ext_all, "measured / per-block x 13,10,1"),
+            ("  of which portable + trt use", measured["portable+trt"], extrapolated(used["portable+trt"]),
+             "the default export before the cpu flavour"),
+            ("  of which the portable graphs use", measured["portable"], ext_weights, ""),
+            ("  of which the cpu graphs use", measured["cpu"], extrapolated(used["cpu"]), ""),
             ("graphs, portable (all segments)", portable_graph_bytes, portable_graph_bytes * graph_scale,
              "x 24/3 (upper bound)"),
-            ("graphs, trt (all segments)", graph_bytes - portable_graph_bytes,
-             (graph_bytes - portable_graph_bytes) * graph_scale, "x 24/3 (upper bound)"),
-            ("export, portable flavour", weights + portable_graph_bytes, ext_total, "weights + portable graphs"),
+            *((f"graphs, {fl} (all segments)", graph_bytes[fl], graph_bytes[fl] * graph_scale, "x 24/3 (upper bound)")
+              for fl in ("trt", "cpu")),
+            ("export, portable flavour", measured["portable"] + portable_graph_bytes, ext_total,
+             "its weights + portable graphs"),
+            ("export, cpu flavour alone", measured["cpu"] + graph_bytes["cpu"], ext_cpu, "its weights + cpu graphs"),
         ]
         print(f"{'':38s} {'measured (3 blocks)':>20s} {'full model (24)':>16s}   how")
         for label, measured, full, how in rows:
@@ -180,6 +201,7 @@ def main() -> None:
         print(f"{'fp32 transformer (4 B/param)':38s} {'':>20s} {gb(fp32):>16s}")
         print(f"\n{'ratio fp16 / export':38s} {fp16 / ext_total:>37.2f}x   (4-bit codes alone: at most 4x)")
         print(f"{'ratio fp32 / export':38s} {fp32 / ext_total:>37.2f}x   (the paper reports 5.8x)")
+        print(f"{'ratio fp16 / cpu flavour alone':38s} {fp16 / ext_cpu:>37.2f}x   (one INT8 byte per quantized weight)")
 
         print("\nfull-model bytes by kind (extrapolated) and bits per quantized-layer parameter")
         q_params = sum(block_counts[k] * sum(l.in_features * l.out_features for l in plan.layers

@@ -10,7 +10,7 @@ It is the portable rewrite (graph_rewrite.py) with three changes:
     Hadamard  H = kron(L, R): R the Sylvester factor of size b (a power of two) on the last axis, L the
               rest (the Paley factor times the remaining Sylvester factor) as a batched MatMul, with b
               chosen to minimise L + b. The same matrix as H_m (x) H_p (Sylvester matrices factor
-              exactly, H_ab = H_a (x) H_b) at a fraction of the flops (K = 512: 16 + 32 per element
+              exactly, H_ab = H_a (x) H_b) at a fraction of the flops (K = 512: 32 + 16 per element
               instead of 512; 1536: 48 + 32 instead of 12 + 128; 6144: 96 + 64 instead of 12 + 512).
     sharing   layers that read one tensor through the same activation quantizer (q/k/v, the AdaLN
               linears of every block) share one Hadamard, one Q/DQ and one integer MatMul over their
@@ -51,12 +51,13 @@ FUSED_OPS = ("MatMulIntegerToFloat", "DynamicQuantizeMatMul")  # onnxruntime's i
 # ----------------------------------------------------------------------------- Hadamard
 
 def split_sizes(n: int) -> tuple[int, int]:
-    """(L, b) with n = L * b, b a power of two dividing n's Sylvester part, L + b smallest (larger b on ties)."""
+    """(L, b) with n = L * b, b a power of two dividing n's Sylvester part, L + b smallest (smaller b on
+    ties: measured a little faster, e.g. 512 = 32 x 16 rather than 16 x 32)."""
     m, p = hadamard_factors(n)
     best = None
     b = 1
     while b <= p:
-        cost = (n // b + b, -b)
+        cost = (n // b + b, b)
         if best is None or cost < best[0]:
             best = (cost, (n // b, b))
         b *= 2
@@ -216,14 +217,47 @@ def _rewrite_group(b: _Builder, group: list[tuple[gs.Node, LayerSpec]], segment:
         mains = [_residue(b, specs[0], x_q, Flavour.CPU)]
     else:
         mains = _merged_residue(b, prefix, specs, x_q)
+    x_t = None  # x_h as [K, M], made once for the group when a layer has a block branch
     for spec, main, y in zip(specs, mains, outputs):
         if lifted:
             main = b.op(spec.name, "Squeeze", [main, b.shape([0])])
-        side = _branches_portable(b, spec, x_h, None)
+        if spec.sigma is None:
+            side = _branches_portable(b, spec, x_h, None)
+        else:
+            if x_t is None:
+                flat = b.op(prefix, "Reshape", [x_h, b.shape([-1, first.in_features])])
+                x_t = b.op(prefix, "Transpose", [flat], {"perm": [1, 0]})
+            side = _branches_channel_major(b, spec, x_t, main)
         if side is None:
             b.op(spec.name, "Identity", [main], out=y)
         else:
             b.op(spec.name, "Add", [main, side], out=y)
+
+
+def _branches_channel_major(b: _Builder, spec: LayerSpec, x_t: gs.Variable, like: gs.Variable) -> gs.Variable:
+    """Both branches on x_h^T [K, M] (M = every token of the batch), returned shaped like `like`.
+
+    Block rank-1: t = v_q [P, s_i] @ x_q [s_i, M] batched over the Q input blocks, [Q, P, M] -> [P, Q, M]
+    (whole rows of M move), y_p = (sigma u)_p [s_o, Q] @ t_p [Q, M] batched over the P output blocks. Every
+    GEMM has the M tokens as its wide side and the transposes move contiguous rows, where the portable
+    form's batched [M, s_i] GEMMs and its element-wise [Q, M, P] -> [P, M, Q] transpose are 2-3x slower.
+    The low-rank branch joins in the same orientation (down [r, K] and up [N, r] as stored) and one
+    transpose takes the sum back to [M, N].
+    """
+    s_o, s_i = spec.block_shape
+    p, q = spec.sigma.dims
+    v = b.op(spec.name, "Transpose", [b.weight(spec.block_v)], {"perm": [1, 0, 2]})                # [Q, P, s_i]
+    sigma = b.op(spec.name, "Unsqueeze", [b.weight(spec.sigma), b.shape([2])])                      # [P, Q, 1]
+    su = b.op(spec.name, "Transpose", [b.op(spec.name, "Mul", [b.weight(spec.block_u), sigma])],
+              {"perm": [0, 2, 1]})                                                                 # [P, s_o, Q]
+    t = b.op(spec.name, "MatMul", [v, b.op(spec.name, "Reshape", [x_t, b.shape([q, s_i, -1])])])    # [Q, P, M]
+    t = b.op(spec.name, "Transpose", [t], {"perm": [1, 0, 2]})                                      # [P, Q, M]
+    y = b.op(spec.name, "Reshape", [b.op(spec.name, "MatMul", [su, t]), b.shape([p * s_o, -1])])    # [N, M]
+    if spec.down is not None:
+        low = b.op(spec.name, "MatMul", [b.weight(spec.up), b.op(spec.name, "MatMul", [b.weight(spec.down), x_t])])
+        y = b.op(spec.name, "Add", [y, low])
+    y = b.op(spec.name, "Transpose", [y], {"perm": [1, 0]})                                        # [M, N]
+    return b.op(spec.name, "Reshape", [y, b.op(spec.name, "Shape", [like], dtype=np.int64)])
 
 
 def _merged_residue(b: _Builder, prefix: str, specs: list[LayerSpec], x_q: gs.Variable) -> list[gs.Variable]:

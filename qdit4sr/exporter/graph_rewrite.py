@@ -49,7 +49,7 @@ a Cast to float32. Activations and the arithmetic stay float32 in both flavours.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -143,17 +143,22 @@ def _weight_dq(store: WeightStore, layer: QuantLinear, name: str) -> dict[Flavou
     return {Flavour.PORTABLE: per_axis, Flavour.TRT: blocked}
 
 
-def prepare_layer(store: WeightStore, plan: LayerPlan, layer: QuantLinear, input_rank: int) -> LayerSpec:
+def prepare_layer(store: WeightStore, plan: LayerPlan, layer: QuantLinear, input_rank: int,
+                  flavours: Iterable[Flavour] = (Flavour.PORTABLE, Flavour.TRT)) -> LayerSpec:
     """Write one layer's tensors into the store and describe it for the rewrite: sizes, bits, scales and
-    branch shapes from the plan, the tensors (codes, scales, bias, branches) from the module."""
+    branch shapes from the plan, the tensors (codes, scales, bias, branches) from the module. The
+    portable/trt codes are written only when one of those flavours is asked for (the cpu flavour's
+    own codes come from cpu_flavour.cpu_weight_dq)."""
     name = plan.name
+    wanted = bool({Flavour.PORTABLE, Flavour.TRT} & set(flavours))
 
     def arr(suffix: str, t) -> TensorProto | None:
         return None if t is None else store.array(f"{name}.{suffix}", compact(t.detach().float().numpy()))
 
     return LayerSpec(
         name=name, in_features=plan.in_features, out_features=plan.out_features, input_rank=input_rank,
-        hadamard=layer.hadamard, weight_bits=plan.weight_bits, weight=_weight_dq(store, layer, name),
+        hadamard=layer.hadamard, weight_bits=plan.weight_bits,
+        weight=_weight_dq(store, layer, name) if wanted else {},
         bias=arr("bias", layer.bias), act_bits=list(plan.act_bits), act_scales=list(plan.act_scales),
         down=arr("lowrank_down", layer.down), up=arr("lowrank_up", layer.up), sigma=arr("block_sigma", layer.block_sigma),
         block_u=arr("block_u", layer.block_u), block_v=arr("block_v", layer.block_v),

@@ -213,7 +213,7 @@ def export_segments(model: torch.nn.Module, plan: BitPlan, out_dir: str | Path, 
         with WeightStore(staging / WEIGHTS_FILE, external_threshold_bytes) as store:
             store.externalize(base.model)
             live = [lp for lp in plan.layers if lp.name in base.input_ranks]
-            specs = {lp.name: prepare_layer(store, lp, layers[lp.name], base.input_ranks[lp.name])
+            specs = {lp.name: prepare_layer(store, lp, layers[lp.name], base.input_ranks[lp.name], flavours)
                      for lp in tqdm(live, desc="quantized weights", disable=not progress)}
             if Flavour.CPU in flavours:
                 for lp in tqdm(live, desc="cpu weights", disable=not progress):

@@ -76,8 +76,8 @@ def test_split_hadamard_is_the_same_matrix_with_the_cheapest_split(n):
     l_size, b = split_sizes(n)
     assert l_size * b == n and left.shape == (l_size, l_size) and right.shape == (b, b)
     m, p = hadamard_factors(n)
-    costs = {(n // c + c, -c) for c in (2 ** i for i in range(p.bit_length())) if p % c == 0}
-    assert (l_size + b, -b) == min(costs)  # brute force over every power-of-two split
+    costs = {(n // c + c, c) for c in (2 ** i for i in range(p.bit_length())) if p % c == 0}
+    assert (l_size + b, b) == min(costs)  # brute force over every power-of-two split
     if n >= 512:
         assert l_size + b < 0.6 * (m + p)  # fewer flops per element than the portable form (m + p)
 
@@ -335,3 +335,17 @@ def test_integer_matmul_is_exact_without_vnni(tmp_path, act_bits):
     errors = _probe(tmp_path, act_bits, emulate=True)
     assert errors["cpu"] < 1e-6
     assert errors["full_range"] > 0.1  # the check can fail: the saturating kernel really ran
+
+
+def test_a_cpu_only_export_stores_only_the_cpu_codes(tmp_path):
+    q = quantized_micro("rtn", "w4a4")
+    sizes = {}
+    with single_thread():
+        for flavours in (("cpu",), ("portable", "cpu")):
+            export = export_segments(q.model, q.plan, tmp_path / "+".join(flavours), TILE, TOKENS, flavour=flavours,
+                                     progress=False)[0]
+            sizes[flavours] = export.weights.stat().st_size
+            names = {t.name for t in onnx.load(export.graphs["cpu"], load_external_data=False).graph.initializer}
+            assert any(n.endswith(".qweight_cpu") for n in names) and not any(n.endswith(".qweight") for n in names)
+    int4_codes = sum(lp.in_features * lp.out_features for lp in q.plan.layers) // 2
+    assert sizes["portable", "cpu"] - sizes["cpu",] >= int4_codes  # the portable INT4 codes (and scales) only
