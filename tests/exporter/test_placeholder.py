@@ -1,5 +1,5 @@
 """Tracing with placeholders: one opaque node per live QuantLinear and per quantized softmax, the modules
-always restored, the eager values unchanged, dead layers reported, only the batch axis dynamic."""
+always restored (the eager values with them), dead layers reported, only the batch axis dynamic."""
 from __future__ import annotations
 
 import copy
@@ -23,7 +23,7 @@ def rtn():
     return quantized_micro("rtn", "w8a8", model_config={"variant": "dit4sr_q"})
 
 
-def test_placeholders_keep_the_values_and_always_restore(rtn):
+def test_placeholders_keep_the_shapes_and_always_restore_the_values(rtn):
     model, layers, softmaxes = rtn.model, quantized_layers(rtn.model), quantized_softmaxes(rtn.model)
     args = micro_inputs(MICRO_CONFIG, size=TILE, tokens=TOKENS)
     with torch.no_grad(), segment_scope(0):
@@ -31,13 +31,15 @@ def test_placeholders_keep_the_values_and_always_restore(rtn):
         with placeholders(model, layers, softmaxes) as (stubs, softmax_stubs):
             assert all(isinstance(model.get_submodule(n), PlaceholderLinear) for n in layers)
             assert all(isinstance(model.get_submodule(s).softmax, PlaceholderSoftmax) for s in softmaxes)
-            assert torch.equal(model(*args), ref)
+            # Eagerly the placeholder ops return zeros of the output shape (the trace needs shapes only).
+            assert model(*args).shape == ref.shape
             ranks = {name: stub.input_rank for name, stub in stubs.items()}
             # token layers see [B, tokens, features], the conditioning (AdaLN, time embedding) layers [B, features]
             assert all(ranks[n] == 3 for n in ranks if ".attn." in n or ".ff." in n)
             assert set(ranks.values()) == {2, 3}
         with pytest.raises(RuntimeError, match="boom"), placeholders(model, layers, softmaxes):
             raise RuntimeError("boom")
+        assert torch.equal(model(*args), ref)   # restored modules give the eager values again
     assert quantized_layers(model) == layers and quantized_softmaxes(model) == softmaxes
 
 
