@@ -13,13 +13,19 @@ from .common import CONTEXT_SETTINGS
               show_default="the embedded tiny model")
 @click.option("--crop", type=int, default=128, show_default=True, help="HR centre-crop size of each photo.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=int, default=None, help="Override the number of sampler steps.")
-def main(model: Path | None, crop: int, seed: int, steps: int | None) -> None:
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Override the number of sampler steps.")
+@click.option("--shift", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Override the sampler's timestep shift.")
+@click.option("--tile-overlap", type=click.IntRange(0, 1024), default=None,
+              help="Override the tile overlap (latent pixels).")
+def main(model: Path | None, crop: int, seed: int, steps: int | None, shift: float | None,
+         tile_overlap: int | None) -> None:
     """Print the PSNR / SSIM table of the model and of bicubic x4."""
     from ..models.evaluate import evaluate, format_table, held_out_set
     from ..models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline
 
-    overrides = {"num_inference_steps": steps} if steps else {}
+    overrides = {key: value for key, value in
+                 (("num_inference_steps", steps), ("shift", shift), ("tile_overlap", tile_overlap)) if value is not None}
     pipe = DiT4SRPipeline.from_folder(model or DEFAULT_MODEL_DIR, **overrides)
     click.echo(format_table(evaluate(pipe, held_out_set(crop), seed)))
 
