@@ -29,7 +29,7 @@ from ..calibration.plan import BitPlan
 from ..calibration.stats import ActivationStats, CalibrationConfig, collect_activation_stats
 from ..fileio import atomic_write, atomic_write_text
 from ..models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline, PromptEmbeddings, PromptError
-from ..models.placement import peak_device_bytes, reset_peak
+from ..models.placement import model_dtype, peak_device_bytes, reset_peak
 from .settings import ExportSettings
 
 RUN_FILE = "run.json"
@@ -193,7 +193,8 @@ def lr_crops_from_folder(folder: Path, lr_crop: int, count: int, seed: int,
 
 def calibrate(pipe: DiT4SRPipeline, settings: ExportSettings, folder: Path, log: StageLog) -> ActivationStats:
     stats_dir = folder / "calibration"
-    layers = used_linears(pipe.transformer, example_inputs(pipe.transformer))
+    dtype = model_dtype(pipe.transformer)   # the loaded dtype (--dtype); the trace runs in it
+    layers = used_linears(pipe.transformer, tuple(t.to(dtype) for t in example_inputs(pipe.transformer)))
     if (stats_dir / "activation_stats.json").is_file():
         try:
             stats = ActivationStats.load(stats_dir)

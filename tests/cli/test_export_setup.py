@@ -180,3 +180,25 @@ def test_changed_sampler_settings_do_not_reuse_the_cache(cfg_export, model_dir, 
     other = _prompt_file(tmp_path / "caption.safetensors", tokens=5, seed=1)   # same name, other content
     r = run_export(copy, model_dir, *[other if a == str(prompt) else a for a in map(str, common)])
     assert r.exit_code == 2 and "was made with other settings" in r.output, r.output
+
+
+def test_bf16_calibration_exports_float32_graphs_and_resumes(model_dir, tmp_path):
+    """--dtype bfloat16: the model is read and calibrated in bf16, the graphs are still float32 (the runtime
+    runs them as for a float32 run), and a rerun resumes every stage (the resumed model is cast the same way)."""
+    import onnx
+
+    common = ["--dtype", "bfloat16", "--calib-count", "1", "--segments", "1", "--flavour", "portable"]
+    out = tmp_path / "engines"
+    r = run_export(out, model_dir, *common)
+    assert r.exit_code == 0, r.output
+    assert "model in bfloat16 on cpu" in r.output
+    graph = onnx.load(str(out / "segment_00.portable.onnx"), load_external_data=False)
+    assert {i.type.tensor_type.elem_type for i in graph.graph.input} == {onnx.TensorProto.FLOAT}
+    assert not [t.name for t in graph.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16]
+    image = (torch.rand(8, 8, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    first = load_exported_pipeline(out, flavour="portable").upscale(image, seed=1)
+    r = run_export(out, model_dir, *common)
+    assert r.exit_code == 0 and "reused           calibration, quantization, ONNX export" in r.output, r.output
+    assert (load_exported_pipeline(out, flavour="portable").upscale(image, seed=1) == first).all()
+    r = run_export(out, model_dir, *common[2:])    # float32 calibration: other statistics, not reused
+    assert r.exit_code == 2 and "was made with other settings" in r.output
