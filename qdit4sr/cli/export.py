@@ -7,8 +7,8 @@ import click
 
 from ..artifacts.manifest import MANIFEST_FILE
 from .common import CONTEXT_SETTINGS, fail, first_line
-from .options import (CALIBRATION_OPTIONS, ENGINE_BUILD_OPTIONS, EXPORT_OPTIONS, MODEL_OPTIONS, QUANTIZATION_OPTIONS,
-                      GroupedCommand)
+from .options import (CALIBRATION_OPTIONS, DEVICE_OPTIONS, ENGINE_BUILD_OPTIONS, EXPORT_OPTIONS, MODEL_OPTIONS,
+                      QUANTIZATION_OPTIONS, SAMPLER_OPTIONS, GroupedCommand)
 
 
 def _summary_lines(rows: dict[str, str], skipped: list[str]) -> list[str]:
@@ -23,6 +23,8 @@ def _summary_lines(rows: dict[str, str], skipped: list[str]) -> list[str]:
 @MODEL_OPTIONS
 @QUANTIZATION_OPTIONS
 @CALIBRATION_OPTIONS
+@SAMPLER_OPTIONS
+@DEVICE_OPTIONS
 @EXPORT_OPTIONS
 @ENGINE_BUILD_OPTIONS
 def export_command(out: Path, seed: int, force: bool, **options):
@@ -39,10 +41,11 @@ def export_command(out: Path, seed: int, force: bool, **options):
     log = stages.StageLog()
     try:
         settings = ExportSettings(model=MODEL_OPTIONS.build(options), quantization=QUANTIZATION_OPTIONS.build(options),
-                                  calibration=CALIBRATION_OPTIONS.build(options), export=EXPORT_OPTIONS.build(options),
+                                  calibration=CALIBRATION_OPTIONS.build(options), sampler=SAMPLER_OPTIONS.build(options),
+                                  device=DEVICE_OPTIONS.build(options), export=EXPORT_OPTIONS.build(options),
                                   engines=ENGINE_BUILD_OPTIONS.build(options), seed=seed)
         pipe = stages.load_pipeline(settings)
-        settings = settings.for_width(pipe.transformer.inner_dim)
+        settings = stages.resolve_settings(settings, pipe)
         settings.quant_config()
         model_hash = transformer_hash(pipe.transformer)
         fp16_bytes = sum(p.numel() * 2 for p in pipe.transformer.parameters())
@@ -54,7 +57,7 @@ def export_command(out: Path, seed: int, force: bool, **options):
         manifest = stages.export(pipe, plan, settings, out, model_hash, log)
         stages.build_trt_engines(settings, out, log)
         crops = stages.comparison_crops(settings, pipe, out, model_hash, log)
-        summary = stages.run_summary(out, plan, manifest, log, fp16_bytes, crops)
+        summary = stages.run_summary(out, plan, manifest, log, fp16_bytes, crops, stages.setup_rows(settings, pipe))
         stages.write_run_report(out, plan, stats, crops, {"skipped": list(log.skipped), **summary})
     except KeyboardInterrupt:
         fail(f"interrupted; finished stages stay cached in {out} and a rerun resumes from there", 130)
@@ -64,4 +67,4 @@ def export_command(out: Path, seed: int, force: bool, **options):
         click.echo(f"warning: {note}", err=True)
     # The paths are printed here only: the report itself names no folder (exports stay byte-identical).
     paths = {"manifest": str(out / MANIFEST_FILE), "report": str(out / "report" / "report.md")}
-    click.echo("\n".join(_summary_lines({**summary, **paths}, log.skipped)))
+    click.echo("\n".join(_summary_lines({**summary, **stages.device_rows(settings, log), **paths}, log.skipped)))

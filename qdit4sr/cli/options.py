@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -59,16 +60,48 @@ def _check_precision(ctx, param, value: str) -> str:
     return value.lower()
 
 
-def _model(model: Path | None, variant: str | None):
+def _check_device(ctx, param, value: str) -> str:
+    """cpu, cuda or cuda:N, by name only: whether this machine has that device is checked before loading."""
+    name = value.strip().lower()
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise click.BadParameter(f"{value!r} is not cpu, cuda or cuda:N")
+    return name
+
+
+def _check_finite(ctx, param, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _model(model: Path | None, variant: str | None, prompt_embeds: Path | None):
     from ..exporter.settings import ModelSettings
 
-    return ModelSettings(path=None if model is None else str(model), variant=variant)
+    return ModelSettings(path=None if model is None else str(model), variant=variant,
+                         prompt_embeds=None if prompt_embeds is None else str(prompt_embeds))
 
 
-def _calibration(calib_images: Path | None, calib_count: int):
+def _calibration(calib_images: Path | None, calib_count: int, calib_size: int | None):
     from ..exporter.settings import CalibrationSettings
 
-    return CalibrationSettings(images=None if calib_images is None else str(calib_images), count=calib_count)
+    return CalibrationSettings(images=None if calib_images is None else str(calib_images), count=calib_count,
+                               size=calib_size)
+
+
+def _sampler(steps: int | None, guidance: float | None, shift: float | None):
+    from ..exporter.settings import SamplerSettings
+
+    return SamplerSettings(steps=steps, guidance=guidance, shift=shift)
+
+
+def _device(device: str, dtype: str, offload: bool):
+    from ..models.placement import DeviceConfig
+
+    try:
+        return DeviceConfig(device=device, dtype=dtype, offload=offload)
+    except ValueError as e:   # e.g. --offload with the cpu
+        raise click.UsageError(str(e)) from e
 
 
 def _export(flavours: tuple[str, ...]):
@@ -89,7 +122,34 @@ MODEL_OPTIONS = OptionGroup("Model", (
                  help="DiT4SR folder (transformer/ plus vae/ or codec.json); default: the embedded tiny model."),
     click.Option(["--variant"], type=click.Choice(["dit4sr_q", "dit4sr_r1"]), default=None,
                  help="Override the checkpoint variant recorded in its config."),
+    click.Option(["--prompt-embeds"], type=click.Path(path_type=Path, dir_okay=False), default=None,
+                 help="safetensors file of the text conditioning (prompt_embeds, pooled_prompt_embeds and, for "
+                      "CFG, negative_prompt_embeds, negative_pooled_prompt_embeds, as SD3's encode_prompt returns "
+                      "them); used in calibration and written into the export [default: the model folder's "
+                      "prompt_embeds.safetensors, else a null prompt]."),
 ), _model)
+
+SAMPLER_OPTIONS = OptionGroup("Sampler (calibration and the exported runtime)", (
+    click.Option(["--steps"], type=click.IntRange(1, 1000), default=None,
+                 help="Sampler steps [default: the model folder's pipeline.json, else 40]."),
+    click.Option(["--guidance"], type=click.FloatRange(min=0), default=None, callback=_check_finite,
+                 help="CFG scale, used when > 1 and the prompt embeddings have a negative pair [default: "
+                      "pipeline.json, else 8]."),
+    click.Option(["--shift"], type=click.FloatRange(min=0, min_open=True), default=None, callback=_check_finite,
+                 help="Flow-matching timestep shift [default: pipeline.json, else 3]."),
+), _sampler)
+
+DEVICE_OPTIONS = OptionGroup("Device (calibration and quantization)", (
+    click.Option(["--device"], default="cpu", show_default=True, callback=_check_device,
+                 help="cpu, cuda or cuda:N."),
+    click.Option(["--dtype"], type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                 show_default=True,
+                 help="The model's dtype while calibrating, read straight into it (the statistics stay float32; "
+                      "the graphs are exported from float32 whatever this is)."),
+    click.Option(["--offload"], is_flag=True,
+                 help="Keep the model in host memory and move one transformer block at a time to the device "
+                      "(for a model larger than the GPU; needs --device cuda)."),
+), _device)
 
 QUANTIZATION_OPTIONS = OptionGroup("Quantization", (
     click.Option(["--precision"], default=QuantizationSettings.precision, show_default=True, callback=_check_precision,
@@ -108,6 +168,9 @@ CALIBRATION_OPTIONS = OptionGroup("Calibration", (
     click.Option(["--calib-images"], type=click.Path(path_type=Path), default=None,
                  help="Folder of LR calibration images; default: crops of the bundled photos."),
     click.Option(["--calib-count"], type=click.IntRange(1, 4096), default=32, show_default=True),
+    click.Option(["--calib-size"], type=click.IntRange(1, 4096), default=None,
+                 help="Side of the LR calibration crops in pixels [default: one transformer tile after the x4 "
+                      "upscale, e.g. 128 for DiT4SR's 64-latent tiles and x8 VAE]."),
 ), _calibration)
 
 EXPORT_OPTIONS = OptionGroup("Export", (

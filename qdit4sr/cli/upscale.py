@@ -69,14 +69,18 @@ class _Progress:
                    "the TensorRT engines. [default: trt where the folder has engines and TensorRT runs here, else "
                    "cpu when the folder has it, else portable]")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prompt-embeds", "prompt_embeds", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Prompt embeddings for this image (a safetensors file as for qdit4sr-export --prompt-embeds, "
+                   "e.g. of its caption) [default: the folder's, from the export].")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar over the denoised tiles on stderr.")
-def upscale_command(image, engines, output, flavour, seed, progress):
+def upscale_command(image, engines, output, flavour, seed, prompt_embeds, progress):
     """Super-resolve IMAGE x4 with an exported folder."""
     from ..artifacts.manifest import ManifestError
     from ..engines.runtime import load_exported_pipeline
     from ..fileio import atomic_write
     from ..models.images import read_image_rgb8
+    from ..models.pipeline import PromptEmbeddings, PromptError
 
     if not image.is_file():
         fail(f"image {image} does not exist")
@@ -87,9 +91,20 @@ def upscale_command(image, engines, output, flavour, seed, progress):
     for note in notes:
         click.echo(f"warning: {image}: {note}", err=True)
     check_writable(output)
+    prompt = None
+    if prompt_embeds is not None:
+        try:
+            prompt = PromptEmbeddings.from_file(prompt_embeds)
+        except PromptError as e:
+            fail(f"--prompt-embeds: {first_line(e)}")
     try:
         pipe = load_exported_pipeline(engines, flavour=flavour)
-        work = pipe.upscale_work(lr.shape)
+        if prompt is not None:
+            try:
+                pipe.check_prompt(prompt)
+            except PromptError as e:
+                fail(f"--prompt-embeds {prompt_embeds.name}: {first_line(e)}")
+        work = pipe.upscale_work(lr.shape, prompt=prompt)
         flavour = pipe.transformer.runner.flavour   # the default, resolved from the folder and this machine
     except (ManifestError, ValueError, OSError, RuntimeError) as e:
         fail(first_line(e))
@@ -97,11 +112,13 @@ def upscale_command(image, engines, output, flavour, seed, progress):
                f"{work.output_size[1]}: {work.steps} sampler steps x {work.tiles} latent tile(s) of {work.tile_size}x"
                f"{work.tile_size} = {work.tile_passes} tile passes in {work.transformer_calls} {flavour} transformer "
                f"call(s){' with guidance (2x batch)' if work.cfg else ''}", err=True)
+    source = prompt_embeds.name if prompt is not None else "the export's prompt embeddings"
+    click.echo(f"conditioning: {source}, {pipe.check_prompt(prompt).describe(pipe.config.guidance_scale)}", err=True)
     bar = _Progress(work, progress)
     pipe.tile_callbacks.append(bar.on_tiles)
     pipe.step_callbacks.append(bar.on_step)
     try:
-        sr = pipe.upscale(lr, seed=seed)
+        sr = pipe.upscale(lr, seed=seed, prompt=prompt)
     except KeyboardInterrupt:
         fail("interrupted; nothing was written", 130)
     except (ManifestError, ValueError, OSError, RuntimeError) as e:

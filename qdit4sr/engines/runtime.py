@@ -3,7 +3,8 @@
     runner = SegmentedRunner(folder)                       # validates manifest.json first
     v = runner.run(step, hidden_states, controlnet_image, encoder_hidden_states, pooled_projections, timestep)
     pipe = load_exported_pipeline(folder, flavour="trt")   # DiT4SRPipeline whose transformer is the runner
-    sr = pipe.upscale(image)
+    sr = pipe.upscale(image)                               # conditioned on the manifest's prompt embeddings
+    sr = pipe.upscale(image, prompt=PromptEmbeddings.from_file("caption.safetensors"))   # per request
 
 The flavour names the runtime backend, looked up in a registry. A backend is anything with
 `run(segment_index, feeds: dict[str, np.ndarray]) -> np.ndarray` (the output velocity), built by a
@@ -191,11 +192,14 @@ class ExportedTransformerConfig:
 
 
 class OrtTransformer:
-    """Stands in for the torch transformer inside DiT4SRPipeline; the segment follows `current_step()`."""
+    """Stands in for the torch transformer inside DiT4SRPipeline; the segment follows `current_step()`.
+
+    `text_tokens`: the graphs' fixed text length, which the pipeline checks per-request prompts against."""
 
     def __init__(self, runner: SegmentedRunner):
         self.runner = runner
         self.config = ExportedTransformerConfig(**runner.manifest.transformer)
+        self.text_tokens = runner.manifest.text_tokens
 
     def eval(self) -> "OrtTransformer":
         return self
@@ -220,7 +224,8 @@ class OrtTransformer:
 def load_exported_pipeline(folder: str | Path, flavour: Flavour | str | None = None,
                            **runner_options) -> DiT4SRPipeline:
     """The sampler rebuilt from the manifest (codec, settings, prompt) around the exported graphs of `flavour`
-    (None: `default_flavour`)."""
+    (None: `default_flavour`). Its `upscale(..., prompt=)` takes other prompt embeddings per call; with a
+    negative pair and the manifest's guidance > 1 it runs CFG, as calibration did."""
     runner = SegmentedRunner(folder, flavour=flavour, **runner_options)
     manifest = runner.manifest
     transformer = OrtTransformer(runner)

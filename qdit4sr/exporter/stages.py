@@ -22,17 +22,18 @@ import numpy as np
 import torch
 
 from ..artifacts.flavour import ENGINE_FLAVOUR
-from ..artifacts.manifest import MANIFEST_FILE, WEIGHTS_FILE
+from ..artifacts.manifest import MANIFEST_FILE, PROMPT_FILE, WEIGHTS_FILE
 from ..calibration.api import load_quantized_, quantize_, save_quantized
 from ..calibration.layers import example_inputs, used_linears
 from ..calibration.plan import BitPlan
 from ..calibration.stats import ActivationStats, CalibrationConfig, collect_activation_stats
 from ..fileio import atomic_write, atomic_write_text
-from ..models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline
+from ..models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline, PromptEmbeddings, PromptError
+from ..models.placement import model_dtype, peak_device_bytes, reset_peak
 from .settings import ExportSettings
 
 RUN_FILE = "run.json"
-RUN_VERSION = 2  # 2: settings grouped by concern (model, quantization, calibration, export)
+RUN_VERSION = 3  # 2: settings grouped by concern (model, quantization, calibration, export); 3: sampler, dtype
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -46,6 +47,7 @@ class StageLog:
     reused: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)      # warnings about the user's input, e.g. image conversions
+    device_peak: dict[str, int] = field(default_factory=dict)   # stage -> peak accelerator bytes (not on the CPU)
 
 
 # -- output folder ---------------------------------------------------------------------------------
@@ -66,7 +68,7 @@ def prepare_out_dir(out: Path, settings: ExportSettings, model_hash: str, force:
                 previous = json.loads(run_file.read_text())
             except json.JSONDecodeError:
                 previous = None
-        if previous == record:
+        if isinstance(previous, dict) and {k: previous.get(k) for k in record} == record:
             resuming = True
         elif force:
             for child in out.iterdir():
@@ -81,25 +83,79 @@ def prepare_out_dir(out: Path, settings: ExportSettings, model_hash: str, force:
         probe.unlink()
     except OSError as e:
         raise ExportError(f"cannot write into {out}: {e.strerror or e}") from e
-    if not resuming:
-        atomic_write_text(out / RUN_FILE, json.dumps(record, indent=1) + "\n")
+    # Where this run computes is recorded beside the cached record, not compared with it.
+    placement = {"device": settings.device.device, "offload": settings.device.offload}
+    atomic_write_text(out / RUN_FILE, json.dumps({**record, "placement": placement}, indent=1) + "\n")
     return resuming
 
 
 # -- stages ------------------------------------------------------------------------------------------
 
+def read_prompt(settings: ExportSettings, folder: Path) -> PromptEmbeddings | None:
+    """The --prompt-embeds file, its shapes checked against the transformer's config.json before the
+    (possibly minutes long) model load; None when no file was given."""
+    from ..models.loading import CheckpointError, read_config
+
+    if not settings.model.prompt_embeds:
+        return None
+    path = Path(settings.model.prompt_embeds)
+    try:
+        prompt = PromptEmbeddings.from_file(path)
+    except PromptError as e:
+        raise ExportError(f"--prompt-embeds: {e}") from e
+    try:
+        config = read_config(folder / "transformer")
+    except (CheckpointError, OSError):
+        config = {}    # the model load reports that; the pipeline then checks the prompt
+    if "joint_attention_dim" in config and "pooled_projection_dim" in config:
+        try:
+            prompt.validate(int(config["joint_attention_dim"]), int(config["pooled_projection_dim"]))
+        except PromptError as e:
+            raise ExportError(f"--prompt-embeds {path.name}: {e}") from e
+    return prompt
+
+
 def load_pipeline(settings: ExportSettings) -> DiT4SRPipeline:
+    """The FP pipeline in the settings' model dtype (read straight into it), sampler overrides applied."""
     from ..models.loading import CheckpointError
 
+    try:
+        settings.device.check_available()   # before a long load, not after it
+    except ValueError as e:
+        raise ExportError(str(e)) from e
     folder = Path(settings.model.path) if settings.model.path else DEFAULT_MODEL_DIR
     if not folder.is_dir():
         raise ExportError(f"model folder {folder} does not exist")
+    prompt = read_prompt(settings, folder)
     try:
         overrides = {"variant": settings.model.variant} if settings.model.variant else None
-        pipe = DiT4SRPipeline.from_folder(folder, transformer_overrides=overrides)
+        pipe = DiT4SRPipeline.from_folder(folder, transformer_overrides=overrides, dtype=settings.device.torch_dtype,
+                                          prompt=prompt, **settings.sampler.overrides())
+    except PromptError as e:
+        raise ExportError(f"--prompt-embeds {Path(settings.model.prompt_embeds or '').name}: {e}" if prompt
+                          else f"{folder / PROMPT_FILE}: {e}") from e
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise ExportError(f"cannot load the model from {folder}: {e}") from e
     return pipe
+
+
+def default_calib_size(pipe: DiT4SRPipeline, scale: int = 4) -> int:
+    """LR crop side whose x4 upscale is one transformer tile."""
+    return pipe.config.tile_size * pipe.codec.downsample // scale
+
+
+def resolve_settings(settings: ExportSettings, pipe: DiT4SRPipeline) -> ExportSettings:
+    """The settings as this run uses them: rank for the model width, the sampler and crop size the
+    pipeline runs, the prompt file's digest; a crop size the model cannot take is refused here."""
+    from ..fileio import sha256_file
+
+    size = settings.calibration.size or default_calib_size(pipe)
+    align = pipe.codec.downsample * pipe.transformer.config.patch_size
+    if (4 * size) % align:
+        raise ExportError(f"--calib-size {size}: the x4 crop ({4 * size} px) must be a multiple of {align} px "
+                          f"(codec x{pipe.codec.downsample}, patch {pipe.transformer.config.patch_size})")
+    digest = sha256_file(Path(settings.model.prompt_embeds)) if settings.model.prompt_embeds else None
+    return settings.for_width(pipe.transformer.inner_dim).resolved(pipe.config, size, digest)
 
 
 def lr_crops_from_folder(folder: Path, lr_crop: int, count: int, seed: int,
@@ -137,7 +193,8 @@ def lr_crops_from_folder(folder: Path, lr_crop: int, count: int, seed: int,
 
 def calibrate(pipe: DiT4SRPipeline, settings: ExportSettings, folder: Path, log: StageLog) -> ActivationStats:
     stats_dir = folder / "calibration"
-    layers = used_linears(pipe.transformer, example_inputs(pipe.transformer))
+    dtype = model_dtype(pipe.transformer)   # the loaded dtype (--dtype); the trace runs in it
+    layers = used_linears(pipe.transformer, tuple(t.to(dtype) for t in example_inputs(pipe.transformer)))
     if (stats_dir / "activation_stats.json").is_file():
         try:
             stats = ActivationStats.load(stats_dir)
@@ -147,14 +204,17 @@ def calibrate(pipe: DiT4SRPipeline, settings: ExportSettings, folder: Path, log:
         except (ValueError, OSError, KeyError):
             pass
     quant = settings.quant_config()
-    config = CalibrationConfig(num_images=settings.calibration.count, seed=settings.seed,
+    lr_crop = settings.calibration.size or default_calib_size(pipe)
+    config = CalibrationConfig(num_images=settings.calibration.count, lr_crop=lr_crop, seed=settings.seed,
                                gram=quant.error_compensation != "none", act_hist=quant.act_clip_search)
     images = None
     if settings.calibration.images:
-        lr_crop = pipe.config.tile_size * pipe.codec.downsample // config.scale
         images = lr_crops_from_folder(Path(settings.calibration.images), lr_crop, settings.calibration.count,
                                       settings.seed, log.notes)
-    stats = collect_activation_stats(pipe, layers, config, images=images)
+    reset_peak(settings.device)
+    with pipe.placed(settings.device):
+        stats = collect_activation_stats(pipe, layers, config, images=images)
+    _note_peak(log, settings, "calibration")
     stats.save(stats_dir)
     log.done.append("calibration")
     return stats
@@ -168,17 +228,50 @@ def quantize(pipe: DiT4SRPipeline, stats: ActivationStats, settings: ExportSetti
         try:
             plan = BitPlan.load(plan_file)
             if plan.config == settings.quant_config():
+                to_host_float32_(pipe, plan.config)
                 load_quantized_(pipe.transformer, plan, weights_file)
                 log.reused.append("quantization")
                 return plan
         except (ValueError, OSError):
             pass
-    plan = quantize_(pipe.transformer, settings.quant_config(), stats)
+    reset_peak(settings.device)
+    # Layer by layer on the device; the quantized layers stay where the model is (the device, or the
+    # host when offloaded) and come to the host in float32 below.
+    plan = quantize_(pipe.transformer, settings.quant_config(), stats, device=settings.device.torch_device)
+    _note_peak(log, settings, "quantization")
+    to_host_float32_(pipe, plan.config)
     qdir.mkdir(parents=True, exist_ok=True)
     save_quantized(pipe.transformer, weights_file)
     plan.save(plan_file)   # last: a plan file means the weights beside it are complete
     log.done.append("quantization")
     return plan
+
+
+def to_host_float32_(pipe: DiT4SRPipeline, config) -> None:
+    """The model (quantized or not) and codec back in host memory, the float tensors outside the quantized
+    layers in float32 and rounded to the storage precision: the graphs are exported from float32 whatever
+    dtype calibrated, and a resumed run gets the same model as a fresh one."""
+    from ..calibration.api import round_unquantized_
+    from ..calibration.qlinear import QuantLinear
+
+    pipe.transformer.to("cpu")
+    for module in pipe.transformer.modules():
+        if not isinstance(module, QuantLinear):   # its tensors are in their storage dtypes already
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                        cast = t.detach().float()
+                        store[name] = torch.nn.Parameter(cast, t.requires_grad) if isinstance(t, torch.nn.Parameter) \
+                            else cast
+    round_unquantized_(pipe.transformer, config)
+    pipe.device, pipe.dtype = torch.device("cpu"), torch.float32
+    pipe.codec.to(pipe.device, pipe.dtype)
+
+
+def _note_peak(log: StageLog, settings: ExportSettings, stage: str) -> None:
+    peak = peak_device_bytes(settings.device)
+    if peak is not None:
+        log.device_peak[stage] = peak
 
 
 def export(pipe: DiT4SRPipeline, plan: BitPlan, settings: ExportSettings, folder: Path, model_hash: str,
@@ -202,7 +295,9 @@ def export(pipe: DiT4SRPipeline, plan: BitPlan, settings: ExportSettings, folder
     manifest = build_manifest(folder, exports, plan, model_hash=model_hash, pipeline_config=pipe.config,
                               codec=pipe.codec, transformer_config=pipe.transformer.config,
                               tile_latent=pipe.config.tile_size, text_tokens=tokens,
-                              prompt=None if settings.model.path is None else pipe.prompt,
+                              # The embedded model's null prompt is rebuilt by the runtime; anything else is written.
+                              prompt=None if settings.model.path is None and not settings.model.prompt_embeds
+                              else pipe.prompt,
                               vae_path=None if pipe.codec.kind != "vae" else Path(settings.model.path) / "vae",
                               precision=settings.quantization.precision)
     manifest.save(folder)
@@ -266,9 +361,39 @@ def activation_use(plan: BitPlan) -> str:
             f"the {k} segment(s) differ only in their static scales")
 
 
+def setup_rows(settings: ExportSettings, pipe: DiT4SRPipeline) -> dict[str, str]:
+    """How the run calibrated: the conditioning (which prompt, CFG or not), the sampler and the crops."""
+    c = pipe.config
+    if settings.model.prompt_embeds:
+        source = f"--prompt-embeds {Path(settings.model.prompt_embeds).name}"
+    elif (Path(settings.model.path or DEFAULT_MODEL_DIR) / PROMPT_FILE).is_file():
+        source = f"the model folder's {PROMPT_FILE}"
+    else:
+        source = "null prompt (zeros: no --prompt-embeds, none in the model folder)"
+    size = settings.calibration.size or default_calib_size(pipe)
+    crops = f"{settings.calibration.count} crop(s) of {size}x{size} LR pixels from " + \
+        (f"--calib-images {Path(settings.calibration.images).name}" if settings.calibration.images
+         else "the bundled photos")
+    where = f"model in {settings.device.dtype} on {settings.device.device}" + \
+        (", one block at a time (offload)" if settings.device.offload else "")
+    return {"conditioning": f"{source}: {pipe.prompt.describe(c.guidance_scale)}; the export runs the same",
+            "sampler": f"{c.num_inference_steps} steps, shift {c.shift:g}, guidance {c.guidance_scale:g}",
+            "calibration": f"{crops}; {where}"}
+
+
+def device_rows(settings: ExportSettings, log: StageLog) -> dict[str, str]:
+    """Peak accelerator memory per stage that ran there (printed only: it varies from run to run)."""
+    if not log.device_peak:
+        return {}
+    gib = 2 ** 30
+    peaks = ", ".join(f"{stage} {peak / gib:.2f} GiB" for stage, peak in log.device_peak.items())
+    return {"peak memory": f"{settings.device.device}: {peaks} (torch.cuda.max_memory_allocated)"}
+
+
 def run_summary(folder: Path, plan: BitPlan, manifest, log: StageLog, fp16_bytes: int,
-                crops: dict | None = None) -> dict[str, str]:
+                crops: dict | None = None, setup: dict[str, str] | None = None) -> dict[str, str]:
     """What the run produced, label -> value: printed at the end and put into the report.
+    `setup` (see setup_rows) comes after the precision rows.
 
     No row names the output folder, so two runs into different folders report the same text."""
     weight_bytes = folder_size(folder, WEIGHTS_FILE)
@@ -295,6 +420,7 @@ def run_summary(folder: Path, plan: BitPlan, manifest, log: StageLog, fp16_bytes
         "whole folder": f"{whole_bytes / mib:.2f} MiB with the stage caches (report/ not counted): "
                         f"{_times(fp16_bytes, whole_bytes)} the fp16 transformer",
         "engines": ", ".join(engines) if engines else "none",
+        **(setup or {}),
     }
     if crops is not None:
         rows["quality"] = crop_quality(crops)

@@ -10,6 +10,10 @@ reproduces this sampler bit for bit on the exported graphs.
 `tile_callbacks` are called with the number of tiles each transformer call has just denoised (for a
 progress bar), and `upscale_work(shape)` says beforehand how many steps x tiles an upscale costs.
 
+`upscale(image, prompt=...)` conditions one call on other prompt embeddings than the pipeline's own
+(per-request captions); they are validated against the transformer, and against the fixed text length
+of an exported transformer (one with a `text_tokens` attribute).
+
 Importing this module loads torch but not diffusers: the sampler's schedule is `flow_match`, and the
 transformer (diffusers' SD3 blocks) is imported only by `from_folder`, so running an exported folder
 never loads diffusers.
@@ -132,7 +136,8 @@ class PromptEmbeddings:
             elif not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                 problems.append(f"{key} must hold finite floats")
         if problems:
-            raise PromptError("prompt embeddings do not fit the transformer: " + "; ".join(problems))
+            fixed = f" (its exported graphs take {tokens} text tokens)" if tokens is not None else ""
+            raise PromptError(f"prompt embeddings do not fit the transformer{fixed}: " + "; ".join(problems))
         return self
 
     def describe(self, guidance_scale: float) -> str:
@@ -185,7 +190,7 @@ class DiT4SRPipeline:
         self.config = config
         tc = transformer.config
         self.prompt = prompt or PromptEmbeddings.null(tc.joint_attention_dim, tc.pooled_projection_dim)
-        self.prompt.validate(tc.joint_attention_dim, tc.pooled_projection_dim)
+        self.prompt.validate(tc.joint_attention_dim, tc.pooled_projection_dim, getattr(transformer, "text_tokens", None))
         self.device = torch.device(device) if device is not None else model_device(transformer)
         self.dtype = dtype or model_dtype(transformer)
         self.step_callbacks: list[Callable[[int, float], None]] = []
@@ -237,25 +242,38 @@ class DiT4SRPipeline:
     def sampler_timesteps(self) -> list[float]:
         return [float(t) for t in self.make_scheduler().timesteps]
 
-    def _use_cfg(self) -> bool:
-        return self.config.guidance_scale > 1.0 and self.prompt.has_negative
+    def check_prompt(self, prompt: PromptEmbeddings | None) -> PromptEmbeddings:
+        """`prompt` (None: the pipeline's own) after checking it fits the transformer; PromptError if not."""
+        if prompt is None:
+            return self.prompt
+        tc = self.transformer.config
+        return prompt.validate(tc.joint_attention_dim, tc.pooled_projection_dim,
+                               getattr(self.transformer, "text_tokens", None))
 
-    def _prompt_on_device(self) -> PromptEmbeddings:
-        key = (id(self.prompt), self.device, self.dtype)
-        if self._prompt_cache is None or self._prompt_cache[0] != key:
-            self._prompt_cache = (key, self.prompt.to(self.device, self.dtype))
-        return self._prompt_cache[1]
+    def _use_cfg(self, prompt: PromptEmbeddings | None = None) -> bool:
+        return self.config.guidance_scale > 1.0 and (prompt or self.prompt).has_negative
 
-    def _velocity(self, x: torch.Tensor, lr: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _prompt_on_device(self, prompt: PromptEmbeddings | None = None) -> PromptEmbeddings:
+        """On the pipeline's device and dtype; the last one is cached (by identity, holding a reference,
+        so a new prompt never takes a freed one's place)."""
+        prompt = prompt or self.prompt
+        key = (self.device, self.dtype)
+        cache = self._prompt_cache
+        if cache is None or cache[0] is not prompt or cache[1] != key:
+            cache = self._prompt_cache = (prompt, key, prompt.to(self.device, self.dtype))
+        return cache[2]
+
+    def _velocity(self, x: torch.Tensor, lr: torch.Tensor, t: torch.Tensor,
+                  prompt: PromptEmbeddings | None = None) -> torch.Tensor:
         """One batched transformer call on tiles x, lr [B, C, h, w], with CFG when configured.
 
         The transformer gets its inputs in the pipeline's dtype; the velocity comes back in x's dtype.
         """
         b = x.shape[0]
-        p = self._prompt_on_device()
+        p = self._prompt_on_device(prompt)
         out_dtype = x.dtype
         x, lr, t = x.to(self.dtype), lr.to(self.dtype), t.to(self.dtype)
-        if self._use_cfg():
+        if self._use_cfg(p):
             text = torch.cat([p.negative_prompt_embeds.expand(b, -1, -1), p.prompt_embeds.expand(b, -1, -1)])
             pooled = torch.cat([p.negative_pooled_prompt_embeds.expand(b, -1), p.pooled_prompt_embeds.expand(b, -1)])
             v = self.transformer(torch.cat([x, x]), torch.cat([lr, lr]), text, pooled, t.expand(2 * b)).to(out_dtype)
@@ -264,12 +282,13 @@ class DiT4SRPipeline:
         return self.transformer(x, lr, p.prompt_embeds.expand(b, -1, -1), p.pooled_prompt_embeds.expand(b, -1),
                                 t.expand(b)).to(out_dtype)
 
-    def predict_velocity(self, x: torch.Tensor, lr: torch.Tensor, t: torch.Tensor, tiled: bool = True) -> torch.Tensor:
+    def predict_velocity(self, x: torch.Tensor, lr: torch.Tensor, t: torch.Tensor, tiled: bool = True,
+                         prompt: PromptEmbeddings | None = None) -> torch.Tensor:
         """Velocity for a full latent [1, C, H, W]: blended over overlapping tiles when it exceeds one tile."""
         h, w = x.shape[-2:]
         cfg = self.config
         if not tiled or (h <= cfg.tile_size and w <= cfg.tile_size):
-            v = self._velocity(x, lr, t)
+            v = self._velocity(x, lr, t, prompt)
             self._tiles_done(1)
             return v
         windows = tile_windows(h, w, cfg.tile_size, cfg.tile_overlap)
@@ -279,7 +298,7 @@ class DiT4SRPipeline:
             chunk = windows[start:start + cfg.tile_batch]
             xs = torch.cat([x[..., r, c] for r, c in chunk])
             ls = torch.cat([lr[..., r, c] for r, c in chunk])
-            vs = self._velocity(xs, ls, t).unflatten(0, (len(chunk), x.shape[0]))
+            vs = self._velocity(xs, ls, t, prompt).unflatten(0, (len(chunk), x.shape[0]))
             for (r, c), v in zip(chunk, vs):
                 weight = gaussian_weights(v.shape[-2], v.shape[-1]).to(device=x.device, dtype=x.dtype)
                 out[..., r, c] += v * weight
@@ -292,8 +311,10 @@ class DiT4SRPipeline:
             callback(count)
 
     @torch.no_grad()
-    def denoise(self, lr_latent: torch.Tensor, seed: int = 0, tiled: bool = True) -> torch.Tensor:
-        """Sample a latent from `seed`'s portable noise (see qdit4sr.noise) conditioned on lr_latent.
+    def denoise(self, lr_latent: torch.Tensor, seed: int = 0, tiled: bool = True,
+                prompt: PromptEmbeddings | None = None) -> torch.Tensor:
+        """Sample a latent from `seed`'s portable noise (see qdit4sr.noise) conditioned on lr_latent
+        and `prompt` (None: the pipeline's own; checked with `check_prompt`).
 
         The noise is drawn on the CPU and moved to the pipeline's device, so a seed means the same
         sample on every device; the sampler state stays in lr_latent's dtype there.
@@ -301,6 +322,7 @@ class DiT4SRPipeline:
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int (the noise is qdit4sr.noise's, not a torch generator's), "
                             f"got {type(seed).__name__}")
+        prompt = self.check_prompt(prompt)
         scheduler = self.make_scheduler()
         lr_latent = lr_latent.to(self.device)
         x = torch.from_numpy(gaussian_noise(tuple(lr_latent.shape), int(seed))).to(self.device, lr_latent.dtype)
@@ -308,7 +330,8 @@ class DiT4SRPipeline:
             for callback in self.step_callbacks:
                 callback(i, float(t))
             with step_scope(i):
-                v = self.predict_velocity(x, lr_latent, t.reshape(1).to(x.device, x.dtype), tiled=tiled)
+                v = self.predict_velocity(x, lr_latent, t.reshape(1).to(x.device, x.dtype), tiled=tiled,
+                                          prompt=prompt)
             x = scheduler.step(v, i, x)
         return x
 
@@ -326,8 +349,9 @@ class DiT4SRPipeline:
         a = self._alignment()
         return enlarge, out_h, out_w, (-out_h) % a, (-out_w) % a
 
-    def upscale_work(self, shape: tuple[int, ...], scale: int = 4) -> UpscaleWork:
-        """The cost of `upscale` on an image of `shape` ([H, W] or [H, W, C]), without running it."""
+    def upscale_work(self, shape: tuple[int, ...], scale: int = 4,
+                     prompt: PromptEmbeddings | None = None) -> UpscaleWork:
+        """The cost of `upscale` on an image of `shape` ([H, W] or [H, W, C]) with `prompt`, without running it."""
         h, w = shape[:2]
         _, out_h, out_w, pad_h, pad_w = self._geometry(h, w, scale)
         latent_h, latent_w = (out_h + pad_h) // self.codec.downsample, (out_w + pad_w) // self.codec.downsample
@@ -335,10 +359,12 @@ class DiT4SRPipeline:
         fits = latent_h <= cfg.tile_size and latent_w <= cfg.tile_size
         tiles = 1 if fits else len(tile_windows(latent_h, latent_w, cfg.tile_size, cfg.tile_overlap))
         return UpscaleWork((w, h), (w * scale, h * scale), (latent_w, latent_h), cfg.num_inference_steps, tiles,
-                           cfg.tile_size, 1 if fits else cfg.tile_batch, self._use_cfg())
+                           cfg.tile_size, 1 if fits else cfg.tile_batch, self._use_cfg(prompt))
 
-    def upscale(self, image, scale: int = 4, seed: int = 0) -> np.ndarray:
-        """RGB uint8 [H, W, 3] (or a PIL image) -> the x`scale` super-resolved uint8 image."""
+    def upscale(self, image, scale: int = 4, seed: int = 0, prompt: PromptEmbeddings | None = None) -> np.ndarray:
+        """RGB uint8 [H, W, 3] (or a PIL image) -> the x`scale` super-resolved uint8 image, conditioned on
+        `prompt` (None: the pipeline's own prompt embeddings; PromptError before any work if it does not fit)."""
+        prompt = self.check_prompt(prompt)
         lr = _as_rgb_uint8(image)
         h, w = lr.shape[:2]
         enlarge, out_h, out_w, pad_h, pad_w = self._geometry(h, w, scale)
@@ -346,7 +372,7 @@ class DiT4SRPipeline:
         cond = resize_bicubic(lr_t, out_h, out_w)
         padded = torch.nn.functional.pad(cond, (0, pad_w, 0, pad_h), mode="replicate")
         lr_latent = self.codec.encode(padded.to(self.device))
-        latent = self.denoise(lr_latent, seed)
+        latent = self.denoise(lr_latent, seed, prompt=prompt)
         sr = self.codec.decode(latent).cpu()[..., :out_h, :out_w]
         if self.config.color_fix == "adain":
             sr = adain_color_fix(sr, cond)

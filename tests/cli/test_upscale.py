@@ -147,3 +147,33 @@ def test_missing_graphs_of_the_unused_flavour_do_not_matter(exported, tmp_path):
     assert not (tmp_path / "x.png").exists()
     r = _upscale(tmp_path / "lr.png", folder, tmp_path / "cpu.png", "--no-progress")   # the default reads cpu graphs
     assert r.exit_code == 0 and "in 4 cpu transformer call(s)" in r.stderr, r.output
+
+
+def test_upscale_with_per_request_prompt_embeddings(exported, tmp_path):
+    """--prompt-embeds conditions this image on other embeddings (the export's have 4 null tokens): the
+    result differs from the default's; a file that does not fit the graphs is refused in one line."""
+    import torch
+    from safetensors.torch import save_file
+
+    out, _ = exported
+    image = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((10, 10, 3)) * 255).astype(np.uint8)).save(image)
+    gen = torch.Generator().manual_seed(0)
+    save_file({"prompt_embeds": torch.randn(1, 4, 32, generator=gen) * 3,
+               "pooled_prompt_embeds": torch.randn(1, 32, generator=gen) * 3}, str(tmp_path / "caption.safetensors"))
+    r = _upscale(image, out, tmp_path / "a.png", "--prompt-embeds", str(tmp_path / "caption.safetensors"),
+                 "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "conditioning: caption.safetensors, 4 text tokens, no CFG (no negative prompt)" in r.output
+    r = _upscale(image, out, tmp_path / "b.png", "--no-progress")
+    assert r.exit_code == 0 and "conditioning: the export's prompt embeddings, 4 text tokens" in r.output
+    assert np.asarray(Image.open(tmp_path / "a.png")).tolist() != np.asarray(Image.open(tmp_path / "b.png")).tolist()
+    save_file({"prompt_embeds": torch.zeros(1, 7, 32), "pooled_prompt_embeds": torch.zeros(1, 32)},
+              str(tmp_path / "long.safetensors"))
+    r = _upscale(image, out, tmp_path / "c.png", "--prompt-embeds", str(tmp_path / "long.safetensors"))
+    assert r.exit_code == 2 and not (tmp_path / "c.png").exists()
+    assert r.output.strip().splitlines()[-1] == (
+        "error: --prompt-embeds long.safetensors: prompt embeddings do not fit the transformer (its exported graphs "
+        "take 4 text tokens): prompt_embeds has shape [1, 7, 32], expected [1, 4, 32]")
+    r = _upscale(image, out, tmp_path / "c.png", "--prompt-embeds", str(tmp_path / "none.safetensors"))
+    assert r.exit_code == 2 and "error: --prompt-embeds: prompt embeddings file" in r.output

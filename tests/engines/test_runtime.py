@@ -178,3 +178,44 @@ def test_runner_takes_a_validated_manifest_and_a_ready_backend(exported):
     inputs = micro_inputs(MICRO_CONFIG, batch=2, size=TILE, tokens=TOKENS, seed=5)
     assert runner.run(3, *inputs).shape == (2, MICRO_CONFIG["in_channels"], TILE, TILE)
     assert calls == [(manifest.segment_of_step(3), [t.name for t in manifest.inputs], np.float32)]
+
+
+def _caption(tokens: int = TOKENS, seed: int = 11):
+    from qdit4sr.models.pipeline import PromptEmbeddings
+
+    gen = torch.Generator().manual_seed(seed)
+    joint, pooled = MICRO_CONFIG["joint_attention_dim"], MICRO_CONFIG["pooled_projection_dim"]
+    return PromptEmbeddings(*(torch.randn(shape, generator=gen) for shape in
+                              ((1, tokens, joint), (1, pooled), (1, tokens, joint), (1, pooled))))
+
+
+def test_per_request_prompt_with_cfg_reproduces_the_torch_pipeline(exported):
+    """A caption's embeddings (with a negative pair) given per call, guidance 4: the exported runtime runs
+    CFG with them exactly as the torch pipeline does (same tolerance as without a prompt), and the result
+    is not the one of the manifest's prompt (the per-call prompt is really used)."""
+    from dataclasses import replace
+
+    q, folder = exported
+    pipe = load_exported_pipeline(folder, flavour="portable", intra_op_num_threads=1)
+    torch_pipe = copy.copy(q.pipeline)
+    pipe.config = torch_pipe.config = replace(PIPE, guidance_scale=4.0)
+    prompt = _caption()
+    assert pipe.upscale_work((8, 8, 3), prompt=prompt).cfg and not pipe.upscale_work((8, 8, 3)).cfg
+    image = _image(8)
+    ref = torch_pipe.upscale(image, seed=3, prompt=prompt)
+    got = pipe.upscale(image, seed=3, prompt=prompt)
+    diff = np.abs(got.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, (diff.max(), (diff > 0).mean())
+    # The micro model's text conditioning is weak: other embeddings move pixels by up to ~9 levels here,
+    # far beyond the 1-level tolerance above.
+    assert np.abs(got.astype(int) - pipe.upscale(image, seed=3).astype(int)).max() > 4
+
+
+def test_per_request_prompt_must_fit_the_graphs(exported):
+    from qdit4sr.models.pipeline import PromptError
+
+    _, folder = exported
+    pipe = load_exported_pipeline(folder, flavour="portable", intra_op_num_threads=1)
+    with pytest.raises(PromptError, match=rf"exported graphs take {TOKENS} text tokens\): prompt_embeds has shape "
+                                          rf"\[1, {TOKENS + 2}, 32\], expected \[1, {TOKENS}, 32\]"):
+        pipe.upscale(_image(8), prompt=_caption(tokens=TOKENS + 2))
