@@ -28,6 +28,10 @@ MANIFEST_FILE = "manifest.json"
 PLAN_FILE = "bit_plan.json"
 PROMPT_FILE = "prompt_embeds.safetensors"
 WEIGHTS_FILE = "weights.bin"      # the initializers every segment graph shares
+VAE_ENCODER_FILE, VAE_DECODER_FILE = "vae_encoder.onnx", "vae_decoder.onnx"   # a VAE codec's FP graphs
+# A "vae" codec's fields besides its graphs (the scaling and shift are applied inside them; recorded to
+# describe the latent space). The runtimes tile images larger than tile_px as the torch codec does.
+VAE_CODEC_KEYS = ("scaling", "shift", "downsample", "latent_channels", "tile_px", "overlap_px")
 TRANSFORMER_KEYS = ("patch_size", "in_channels", "out_channels", "joint_attention_dim", "pooled_projection_dim")
 
 
@@ -105,7 +109,7 @@ class Manifest:
     precision: str
     plan: FileRef
     sampler: dict[str, Any]              # PipelineConfig fields
-    codec: dict[str, Any]                # pixel-unshuffle json, or {"kind": "vae", "path": ...}
+    codec: dict[str, Any]                # pixel-unshuffle json, or a "vae" codec (vae_graphs, VAE_CODEC_KEYS)
     transformer: dict[str, int]          # the config fields a sampler needs
     tile_latent: int
     text_tokens: int
@@ -211,6 +215,8 @@ class Manifest:
             self.shared_weights.verify(folder, "shared weights", check_hashes)
         if self.prompt_embeds is not None:
             self.prompt_embeds.verify(folder, "prompt embeddings", check_hashes)
+        for part, ref in codec_files(self.codec).items():
+            ref.verify(folder, f"VAE {part} graph", check_hashes)
         for seg in self.segments:
             for flavour, ref in seg.graphs.items():
                 if flavour in used:
@@ -262,15 +268,48 @@ class Manifest:
             raise ManifestError(f"transformer settings lack {missing}")
         if self.codec.get("kind") not in ("pixel_unshuffle", "vae"):
             raise ManifestError(f"unknown codec kind {self.codec.get('kind')!r}")
+        if self.codec["kind"] == "vae":
+            vae_graphs(self.codec)
+            if int(self.codec["latent_channels"]) != self.transformer["in_channels"]:
+                raise ManifestError(f"the VAE has {self.codec['latent_channels']} latent channels, the transformer "
+                                    f"takes {self.transformer['in_channels']}")
 
 
-def load_codec_spec(spec: dict[str, Any], folder: Path):
-    """The codec a manifest describes; a relative VAE path is taken from the exported folder."""
-    from ..models.latents import PixelUnshuffleCodec, VAECodec
+def vae_graphs(codec: dict[str, Any]) -> dict[str, FileRef]:
+    """{"encoder": ref, "decoder": ref} of a "vae" codec spec, its other fields checked too."""
+    if "path" in codec and "encoder" not in codec:
+        raise ManifestError(f"the VAE codec names a model folder ({codec['path']!r}) instead of exported VAE graphs: "
+                            f"this folder comes from an older export; export it again")
+    missing = [k for k in ("encoder", "decoder", *VAE_CODEC_KEYS) if k not in codec]
+    if missing:
+        raise ManifestError(f"the VAE codec lacks the fields {missing}")
+    try:
+        refs = {part: _file_ref(codec[part]) for part in ("encoder", "decoder")}
+        for key in VAE_CODEC_KEYS:
+            float(codec[key])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ManifestError(f"the VAE codec has malformed fields: {e!r}") from e
+    return refs
+
+
+def codec_files(codec: dict[str, Any]) -> dict[str, FileRef]:
+    """The files a codec reads from the folder (the VAE graphs; none for pixel-unshuffle)."""
+    return vae_graphs(codec) if codec.get("kind") == "vae" else {}
+
+
+def load_codec_spec(spec: dict[str, Any], folder: Path, **session_options):
+    """The codec a manifest describes: pixel-unshuffle, or the folder's VAE graphs run by onnxruntime
+    (`session_options`: providers, intra_op_num_threads, see `OnnxVAECodec`)."""
+    from ..models.latents import PixelUnshuffleCodec
 
     if spec.get("kind") == "pixel_unshuffle":
         return PixelUnshuffleCodec(factor=int(spec["factor"]), scaling=float(spec["scaling"]))
     if spec.get("kind") == "vae":
-        path = Path(spec["path"])
-        return VAECodec.from_folder(path if path.is_absolute() else Path(folder) / path, subfolder=None)
+        from ..models.onnx_vae import OnnxVAECodec
+
+        graphs = vae_graphs(spec)
+        return OnnxVAECodec(graphs["encoder"].resolve(folder), graphs["decoder"].resolve(folder),
+                            downsample=int(spec["downsample"]), latent_channels=int(spec["latent_channels"]),
+                            scaling=float(spec["scaling"]), shift=float(spec["shift"]), tile_px=int(spec["tile_px"]),
+                            overlap_px=int(spec["overlap_px"]), **session_options)
     raise ManifestError(f"unknown codec kind {spec.get('kind')!r}")

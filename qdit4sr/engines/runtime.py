@@ -234,5 +234,7 @@ def load_exported_pipeline(folder: str | Path, flavour: Flavour | str | None = N
     else:
         cfg = transformer.config
         prompt = PromptEmbeddings.null(cfg.joint_attention_dim, cfg.pooled_projection_dim, tokens=manifest.text_tokens)
-    codec = load_codec_spec(manifest.codec, runner.folder)
+    # A VAE codec runs its exported graphs on the segments' onnxruntime providers (else onnxruntime's default).
+    codec = load_codec_spec(manifest.codec, runner.folder, providers=getattr(runner.backend, "providers", None),
+                            intra_op_num_threads=runner_options.get("intra_op_num_threads"))
     return DiT4SRPipeline(transformer, codec, manifest.pipeline_config(), prompt)

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..artifacts.graph_io import io_spec
-from ..artifacts.manifest import PLAN_FILE, PROMPT_FILE, TRANSFORMER_KEYS, FileRef, Manifest, SegmentEntry, TensorSpec
+from ..artifacts.manifest import (PLAN_FILE, PROMPT_FILE, TRANSFORMER_KEYS, FileRef, Manifest, ManifestError,
+                                  SegmentEntry, TensorSpec, vae_graphs)
 from ..calibration.plan import BitPlan
 from ..fileio import atomic_write
 from ..models.latents import PixelUnshuffleCodec, VAECodec
@@ -35,14 +36,19 @@ def transformer_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def codec_spec(codec, vae_path: str | Path | None = None) -> dict[str, Any]:
-    """JSON description of a codec: the pixel-unshuffle parameters, or the VAE folder path."""
+def codec_spec(codec, vae_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """JSON description of a codec: the pixel-unshuffle parameters, or for a VAE the spec `export_vae`
+    returned (its graphs, by names relative to the folder, and factors)."""
     if isinstance(codec, PixelUnshuffleCodec):
         return asdict(codec)
     if isinstance(codec, VAECodec) or getattr(codec, "kind", None) == "vae":
-        if vae_path is None:
-            raise ValueError("a VAE codec is recorded by its folder: pass vae_path")
-        return {"kind": "vae", "path": str(vae_path)}
+        if vae_spec is None:
+            raise ValueError("a VAE codec is recorded by its exported graphs: call export_vae and pass its spec")
+        try:
+            vae_graphs(vae_spec)
+        except ManifestError as e:
+            raise ValueError(f"not an exported VAE spec: {e}") from e
+        return vae_spec
     raise ValueError(f"unknown codec {type(codec).__name__}")
 
 
@@ -52,11 +58,12 @@ def precision_string(plan: BitPlan) -> str:
 
 def build_manifest(folder: str | Path, exports, plan: BitPlan, *, model_hash: str, pipeline_config: PipelineConfig,
                    codec, transformer_config, tile_latent: int, text_tokens: int,
-                   prompt: PromptEmbeddings | None = None, vae_path: str | Path | None = None,
+                   prompt: PromptEmbeddings | None = None, vae_spec: dict[str, Any] | None = None,
                    precision: str | None = None) -> Manifest:
     """Write the plan (and prompt embeddings) beside the exported graphs and describe the folder.
 
-    `exports` is the list returned by `export_segments` for this folder. The manifest is returned
+    `exports` is the list returned by `export_segments` for this folder, `vae_spec` what `export_vae`
+    returned for it when the codec is a VAE. The manifest is returned
     unsaved; call `.save(folder)` last, once every file it names is in place.
     """
     folder = Path(folder)
@@ -82,7 +89,7 @@ def build_manifest(folder: str | Path, exports, plan: BitPlan, *, model_hash: st
     inputs, outputs = io_spec(transformer_config, tile_latent, text_tokens)
     return Manifest(
         model_hash=model_hash, precision=precision or precision_string(plan), plan=FileRef.of(folder, PLAN_FILE),
-        sampler=asdict(pipeline_config), codec=codec_spec(codec, vae_path),
+        sampler=asdict(pipeline_config), codec=codec_spec(codec, vae_spec),
         transformer={k: int(getattr(transformer_config, k)) for k in TRANSFORMER_KEYS},
         tile_latent=tile_latent, text_tokens=text_tokens, segments=segments,
         inputs=[TensorSpec(**t) for t in inputs], outputs=[TensorSpec(**t) for t in outputs],

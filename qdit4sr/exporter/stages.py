@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..artifacts.flavour import ENGINE_FLAVOUR
-from ..artifacts.manifest import MANIFEST_FILE, PROMPT_FILE, WEIGHTS_FILE
+from ..artifacts.manifest import MANIFEST_FILE, PROMPT_FILE, WEIGHTS_FILE, codec_files
 from ..calibration.api import load_quantized_, quantize_, save_quantized
 from ..calibration.layers import example_inputs, used_linears
 from ..calibration.plan import BitPlan
@@ -292,13 +292,18 @@ def export(pipe: DiT4SRPipeline, plan: BitPlan, settings: ExportSettings, folder
     tokens = pipe.prompt.prompt_embeds.shape[1]
     exports = export_segments(pipe.transformer, plan, folder, tile_latent=pipe.config.tile_size,
                               text_tokens=tokens, flavour=settings.export.flavours)
+    vae_spec = None
+    if pipe.codec.kind == "vae":
+        from .vae_export import export_vae
+
+        vae_spec = export_vae(pipe.codec, folder)   # the folder serves without the model folder
     manifest = build_manifest(folder, exports, plan, model_hash=model_hash, pipeline_config=pipe.config,
                               codec=pipe.codec, transformer_config=pipe.transformer.config,
                               tile_latent=pipe.config.tile_size, text_tokens=tokens,
                               # The embedded model's null prompt is rebuilt by the runtime; anything else is written.
                               prompt=None if settings.model.path is None and not settings.model.prompt_embeds
                               else pipe.prompt,
-                              vae_path=None if pipe.codec.kind != "vae" else Path(settings.model.path) / "vae",
+                              vae_spec=vae_spec,
                               precision=settings.quantization.precision)
     manifest.save(folder)
     log.done.append("ONNX export")
@@ -402,6 +407,7 @@ def run_summary(folder: Path, plan: BitPlan, manifest, log: StageLog, fp16_bytes
     engines = sorted(p.name for p in folder.glob("*.plan"))
     deployed = [folder / MANIFEST_FILE, *graphs, *(folder / name for name in engines)]
     deployed += [r.resolve(folder) for r in (manifest.plan, manifest.shared_weights, manifest.prompt_embeds) if r]
+    deployed += [r.resolve(folder) for r in codec_files(manifest.codec).values()]
     deployed_bytes = sum(p.stat().st_size for p in set(deployed) if p.is_file())
     whole_bytes = sum(p.stat().st_size for p in folder.rglob("*")
                       if p.is_file() and "report" not in p.relative_to(folder).parts[:1])
@@ -416,7 +422,8 @@ def run_summary(folder: Path, plan: BitPlan, manifest, log: StageLog, fp16_bytes
                    f"{_times(fp16_bytes, weight_bytes)} the fp16 transformer ({fp16_bytes / mib:.2f} MiB)",
         "graphs": f"{len(graphs)} files, {graph_bytes / mib:.2f} MiB of graph structure",
         "deployed files": f"{deployed_bytes / mib:.2f} MiB ({WEIGHTS_FILE}, graphs, engines, manifest, plan, "
-                          f"prompt): {_times(fp16_bytes, deployed_bytes)} the fp16 transformer",
+                          f"prompt{', VAE graphs' if codec_files(manifest.codec) else ''}): "
+                          f"{_times(fp16_bytes, deployed_bytes)} the fp16 transformer",
         "whole folder": f"{whole_bytes / mib:.2f} MiB with the stage caches (report/ not counted): "
                         f"{_times(fp16_bytes, whole_bytes)} the fp16 transformer",
         "engines": ", ".join(engines) if engines else "none",

@@ -7,5 +7,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, globals(), {
     **dict.fromkeys(("DiT4SRPipeline", "PipelineConfig", "PromptEmbeddings", "load_default_pipeline",
                      "DEFAULT_MODEL_DIR"), ".pipeline"),
     **dict.fromkeys(("PixelUnshuffleCodec", "VAECodec"), ".latents"),
+    "OnnxVAECodec": ".onnx_vae",
     **dict.fromkeys(("TINY_CONFIG", "DIT4SR_CONFIG"), ".config"),
 })

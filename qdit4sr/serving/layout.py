@@ -47,10 +47,10 @@ def load_serving_manifest(folder: str | Path):
     """The manifest in an upscale model's export folder, with the files that model reads verified.
 
     The segment graphs live in the segment models, so `Manifest.load` (which checks every file) does
-    not apply here: the bit plan and prompt embeddings are checked (size and sha256), and the sampler
+    not apply here: the bit plan, prompt embeddings and VAE graphs are checked (size and sha256), and the sampler
     settings and segment layout are validated.
     """
-    from ..artifacts.manifest import MANIFEST_FILE, Manifest, ManifestError
+    from ..artifacts.manifest import MANIFEST_FILE, Manifest, ManifestError, codec_files
 
     folder = Path(folder)
     path = folder / MANIFEST_FILE
@@ -60,6 +60,8 @@ def load_serving_manifest(folder: str | Path):
     manifest.plan.verify(folder, "bit plan")
     if manifest.prompt_embeds is not None:
         manifest.prompt_embeds.verify(folder, "prompt embeddings")
+    for part, ref in codec_files(manifest.codec).items():
+        ref.verify(folder, f"VAE {part} graph")
     manifest.pipeline_config()
     if [s.index for s in manifest.segments] != list(range(len(manifest.segments))) or not manifest.segments:
         raise ManifestError("the manifest's segments must be numbered 0..K-1")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..artifacts.flavour import Flavour
-from ..artifacts.manifest import MANIFEST_FILE, FileRef, Manifest, ManifestError
+from ..artifacts.manifest import MANIFEST_FILE, FileRef, Manifest, ManifestError, codec_files
 from ..fileio import atomic_write
 from . import layout
 from .model_config import TRITON_DTYPES, Enum, check_model_config, parameters, render
@@ -236,16 +236,9 @@ def _segment_files(manifest: Manifest, seg, form: str) -> list[tuple[FileRef, st
 
 
 def _copy_codec(manifest: Manifest, export: Path, target: Path) -> None:
-    """A VAE codec recorded by a relative folder travels with the sampler (it has no sha256 in the manifest)."""
-    if manifest.codec.get("kind") != "vae":
-        return
-    path = Path(manifest.codec["path"])
-    if path.is_absolute():
-        return   # an absolute VAE folder must exist at that path on the server
-    source = export / path
-    if not source.is_dir():
-        raise RepositoryError(f"the manifest's VAE folder {path} is missing from {export}")
-    shutil.copytree(source, target / path)
+    """A VAE codec's graphs travel with the sampler, which runs them (checked against the manifest)."""
+    for part, ref in codec_files(manifest.codec).items():
+        _place(export, ref, target / ref.path, "copy", f"VAE {part} graph")
 
 
 def _prepare_out(out: Path, force: bool) -> Path:

@@ -10,6 +10,7 @@ the images below the outputs are identical, which the tests report when they are
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -202,6 +203,18 @@ def _vae_without_graphs(folder: Path) -> str:
     return "unsupported codec 'vae'"
 
 
+def _vae_with_graphs(folder: Path) -> str:
+    """An export with a VAE codec: its graphs are verified, then refused (the C++ runtime has no VAE)."""
+    refs = {}
+    for part in ("encoder", "decoder"):
+        path = folder / f"vae_{part}.onnx"
+        path.write_bytes(part.encode())
+        refs[part] = {"path": path.name, "sha256": hashlib.sha256(part.encode()).hexdigest(), "size": len(part)}
+    _edit_manifest(folder, codec={"kind": "vae", **refs, "scaling": 1.5305, "shift": 0.0609, "downsample": 8,
+                                  "latent_channels": 16, "tile_px": 512, "overlap_px": 64})
+    return "unsupported codec 'vae': the C++ runtime runs only the pixel_unshuffle codec"
+
+
 def _wrong_timesteps(folder: Path) -> str:
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["sampler"]["shift"] = 1.0
@@ -216,7 +229,7 @@ def _truncated_graph(folder: Path) -> str:
 
 
 @pytest.mark.parametrize("damage", [_corrupt_weights, _missing_segment, _segment_entry_removed, _invalid_json,
-                                    _unknown_codec, _vae_without_graphs, _wrong_timesteps, _truncated_graph])
+                                    _unknown_codec, _vae_without_graphs, _vae_with_graphs, _wrong_timesteps, _truncated_graph])
 def test_damaged_folders_are_refused_in_one_line(cpp_tools, tiny_export, photo, tmp_path, damage):
     folder = _copy(tiny_export, tmp_path)
     expected = damage(folder)

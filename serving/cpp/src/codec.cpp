@@ -60,8 +60,9 @@ std::unique_ptr<LatentCodec> make_codec(const Manifest& manifest) {
     return codec;
   }
   if (spec.kind == "vae") {
-    throw Error("unsupported codec 'vae': the C++ runtime runs a VAE only from exported encoder/decoder graphs, and "
-                "manifest.json names none (codec.encoder / codec.decoder); serve this folder from Python");
+    throw Error("unsupported codec 'vae': the C++ runtime runs only the pixel_unshuffle codec, not the exported VAE "
+                "graphs (codec.encoder / codec.decoder); serve this folder from Python (qdit4sr-upscale or the "
+                "Triton repository)");
   }
   throw Error("unknown codec kind '" + spec.kind + "'");
 }

@@ -1,5 +1,5 @@
 // Latent codecs named by the manifest: the tiny default's pixel-unshuffle (exact, no weights).
-// A "vae" codec needs exported VAE graphs, which no export writes yet: it is refused with a clear error.
+// A "vae" codec (exported VAE encoder/decoder graphs, run by the Python runtime) is refused with a clear error.
 #pragma once
 
 #include <memory>
