@@ -61,7 +61,8 @@ ABLATION = (("rtn", "rtn", "RTN", {}), ("svdquant", "svdquant", "SVDQuant-style"
             ("plus_plain_gptq", "qdit4sr_plus", "split + GPTQ + VaSMP + VaTMP", {"error_compensation": "gptq"}),
             ("plus_aclip", "qdit4sr_plus", "split + GPTQ + VaSMP + VaTMP + activation clip search",
              {"error_compensation": "gptq", "act_clip_search": True}),
-            ("qdit4sr_plus", "qdit4sr_plus", "Q-DiT4SR+ (split + activation-aware GPTQ + VaSMP + VaTMP)", {}))
+            ("qdit4sr_plus", "qdit4sr_plus", "Q-DiT4SR+ (split + activation-aware GPTQ + VaSMP + VaTMP)", {}),
+            ("plus_act_aclip", "qdit4sr_plus", "Q-DiT4SR+ + activation clip search", {"act_clip_search": True}))
 FP16_BYTES = 2
 _START = time.perf_counter()
 
