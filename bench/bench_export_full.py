@@ -1,19 +1,23 @@
 """The whole export of the full-width DiT4SR on CPU: per-stage time, peak RSS, file sizes, graph checks.
 
-    python bench/bench_export_full.py [--blocks 24] [--flavour portable ...] [--keep DIR]
+    python bench/bench_export_full.py [--blocks 24] [--flavour portable ...] [--keep DIR] [--profile-quantize 25]
 
 A checkpoint folder in the published layout (every name and shape of the official transformer at
 `--blocks` depth, random bf16 values; tests/models/official_checkpoint.py) with a random SD3.5-config
 VAE and a pipeline.json of 2 sampler steps and 32x32-latent tiles is written by a child process, so
-its memory does not count. Then the export stages run here as `qdit4sr-export --model FOLDER
---calib-count 1` runs them (qdit4sr.exporter.stages, settings through the Python API): one
-calibration crop (64 px LR -> a 32x32 latent), quantization, ONNX export (segment graphs + VAE graphs).
+its memory does not count. Then the command itself runs in this process:
+`qdit4sr-export --model FOLDER --dtype bfloat16 --steps 2 --calib-size 64 --calib-count 1` (one
+calibration crop, 64 px LR -> a 32x32 latent), its stages and the steps of the ONNX export wrapped
+to time them and sample this process's RSS: calibration, quantization, ONNX export (trace, constant
+folding, fp16 storage, weights.bin, per-flavour graph rewrite and write, VAE graphs).
 Every graph then passes onnx.checker's full check by path (graphs over 2 GB keep their weights in
 weights.bin), and onnxruntime runs one forward of segment 0's portable graph.
 
-Memory goal: peak RSS < 1.5 x the bf16 transformer bytes + OVERHEAD_GIB (Python, torch, onnx and
-onnxruntime libraries, the SD3.5 VAE in float32 and its export, calibration activations of one
-32x32 tile); it must not grow per block beyond the model itself. Printed as PASS/FAIL.
+Memory goal: the command's peak RSS (VmHWM when it returns) < 1.5 x the bf16 transformer bytes +
+OVERHEAD_GIB (Python, torch, onnx and onnxruntime libraries, the SD3.5 VAE in float32 and its export,
+calibration activations of one 32x32 tile); it must not grow per block beyond the model itself.
+Printed as PASS/FAIL. The checks after the command (onnx.checker, the onnxruntime step, which folds
+the dequantized weights to float32) are this bench's own and only get rows.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -78,15 +82,24 @@ class RssSampler:
 
     @contextmanager
     def stage(self, name: str):
-        """Time and peak RSS of the block; nested in another stage, it is a row of its own too."""
-        outer, row = self.current_peak, len(self.rows)
-        self.rows.append((name, 0.0, 0))   # its place: before the rows of nested stages
+        """Time and peak RSS of the block; nested in another stage, it is a row of its own too. Blocks of
+        one name add up in one row (its time the sum, its RSS the highest peak)."""
+        outer = self.current_peak
+        names = [r[0] for r in self.rows]
+        if name in names:
+            row = names.index(name)
+        else:
+            row = len(self.rows)
+            self.rows.append((name, 0.0, 0))   # its place: before the rows of nested stages
         self.current_peak = _status("VmRSS")
         start = time.perf_counter()
-        yield
-        self.current_peak = max(self.current_peak, _status("VmRSS"))
-        self.rows[row] = (name, time.perf_counter() - start, self.current_peak)
-        self.current_peak = max(outer, self.current_peak)
+        try:
+            yield
+        finally:
+            self.current_peak = max(self.current_peak, _status("VmRSS"))
+            _, seconds, peak = self.rows[row]
+            self.rows[row] = (name, seconds + time.perf_counter() - start, max(peak, self.current_peak))
+            self.current_peak = max(outer, self.current_peak)
 
     def stop(self):
         self._stop.set()
@@ -94,21 +107,44 @@ class RssSampler:
 
 
 @contextmanager
-def _vae_rows(sampler: RssSampler):
-    """The VAE graphs' share of the export stage, as a row of its own."""
-    from qdit4sr.exporter import vae_export
+def _patched(sampler: RssSampler, targets: list[tuple[object, str, str]]):
+    """Each (owner, attribute, row) function timed as a row of its own; calls of one row add up."""
+    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
 
-    original = vae_export.export_vae
+    def timed(original, row):
+        def call(*args, **kwargs):
+            with sampler.stage(row):
+                return original(*args, **kwargs)
+        return call
 
-    def timed(*args, **kwargs):
-        with sampler.stage("  of which: VAE encoder + decoder graphs"):
-            return original(*args, **kwargs)
-
-    vae_export.export_vae = timed
+    for (owner, attr, original), (_, _, row) in zip(originals, targets):
+        setattr(owner, attr, timed(original, row))
     try:
         yield
     finally:
-        vae_export.export_vae = original
+        for owner, attr, original in originals:
+            setattr(owner, attr, original)
+
+
+def _rows(flavours: tuple[str, ...]) -> list[tuple[object, str, str]]:
+    """The command's stages, and the export's steps nested in its row."""
+    from qdit4sr.exporter import external_data, onnx_export, placeholder, stages, vae_export
+
+    return [(stages, "load_pipeline", "load model"), (stages, "calibrate", "calibrate (1 crop, 2 steps)"),
+            (stages, "quantize", "quantize"), (stages, "quantize_", "  decompose + quantize the layers"),
+            (stages, "to_host_float32_", "  unquantized tensors to float32, rounded to fp16 values"),
+            (stages, "save_quantized", "  quantized/weights.safetensors"),
+            (stages, "export", "ONNX export (segments + VAE)"),
+            (onnx_export, "trace_base_graph", "  trace (torch.onnx.export + constant folding)"),
+            (placeholder, "fold_static_subgraphs", "    of which: constant folding"),
+            (onnx_export, "compact_initializers", "  fp16 storage of the traced constants"),
+            (external_data.WeightStore, "externalize", "  traced initializers -> weights.bin"),
+            (onnx_export, "prepare_layer", "  quantized weights -> weights.bin"),
+            (onnx_export, "cpu_weight_dq", "  cpu weights -> weights.bin"),
+            (onnx_export, "rewrite_segment", "  graph rewrite (all segments and flavours)"),
+            (onnx_export, "check_onnx", "  write + onnx check (segment graphs)"),
+            (vae_export, "export_vae", "  VAE encoder + decoder graphs"),
+            (stages, "run_summary", "summary + report")]
 
 
 def write_model(folder: Path, blocks: int) -> float:
@@ -143,47 +179,69 @@ def one_ort_step(path: Path, manifest) -> tuple[float, float]:
     return seconds, float(np.abs(out).max())
 
 
-def run(blocks: int, flavours: tuple[str, ...], work: Path, dtype: str) -> bool:
+def _profile_top(profile, top: int) -> str:
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(top)
+    return text.getvalue()
+
+
+def run(blocks: int, flavours: tuple[str, ...], work: Path, dtype: str, profile_quantize: int) -> bool:
     import onnx
     import torch
 
-    from qdit4sr.artifacts.manifest import codec_files
+    from qdit4sr.artifacts.manifest import Manifest, codec_files
+    from qdit4sr.cli.export import export_command
     from qdit4sr.exporter import stages
-    from qdit4sr.exporter.manifest_writer import transformer_hash
-    from qdit4sr.exporter.settings import CalibrationSettings, ExportConfig, ExportSettings, ModelSettings
 
     model_dir, out = work / "model", work / "engines"
     shutil.rmtree(out, ignore_errors=True)   # every stage is measured: nothing resumes from an earlier run
     write_s = write_model(model_dir, blocks)
-    # --dtype reaches the model when the export settings take one (else the CLI's float32 load).
-    model_kwargs = {"dtype": dtype} if "dtype" in {f.name for f in fields(ModelSettings)} else {}
-    settings = ExportSettings(model=ModelSettings(path=str(model_dir), **model_kwargs),
-                              calibration=CalibrationSettings(count=1), export=ExportConfig(flavours=flavours))
-    log = stages.StageLog()
+    args = ["--model", str(model_dir), "--out", str(out), "--force", "--dtype", dtype, "--steps", str(STEPS),
+            "--calib-size", str(TILE_LATENT * 8 // 4), "--calib-count", "1"]
+    for flavour in flavours:
+        args += ["--flavour", flavour]
+    seen = {}
+    load = stages.load_pipeline
+
+    def load_and_keep(settings):
+        seen["pipe"] = pipe = load(settings)
+        seen["dtype"] = next(pipe.transformer.parameters()).dtype
+        # Parameters and buffers (the 384x384 position table is a buffer): what the bf16 checkpoint holds.
+        seen["bf16"] = sum(t.numel() * 2 for t in pipe.transformer.state_dict().values())
+        return pipe
+
+    profile = None
+    if profile_quantize:
+        import cProfile
+
+        profile, quantize = cProfile.Profile(), stages.quantize
+
+        def profiled(*a, **k):
+            return profile.runcall(quantize, *a, **k)
     baseline = _status("VmRSS")
     sampler = RssSampler()
     total = time.perf_counter()
     try:
-        with sampler.stage("load model"):
-            pipe = stages.load_pipeline(settings)
-            settings = settings.for_width(pipe.transformer.inner_dim)
-        loaded_dtype = next(pipe.transformer.parameters()).dtype
-        # Parameters and buffers (the 384x384 position table is a buffer): what the bf16 checkpoint holds.
-        bf16_bytes = sum(t.numel() * 2 for t in pipe.transformer.state_dict().values())
-        with sampler.stage("hash"):
-            model_hash = transformer_hash(pipe.transformer)
-            stages.prepare_out_dir(out, settings, model_hash, force=True)
-        with sampler.stage("calibrate (1 crop, 2 steps)"):
-            stats = stages.calibrate(pipe, settings, out, log)
-        with sampler.stage("quantize"):
-            plan = stages.quantize(pipe, stats, settings, out, log)
-        with sampler.stage("ONNX export (segments + VAE)"), _vae_rows(sampler):
-            manifest = stages.export(pipe, plan, settings, out, model_hash, log)
-        with sampler.stage("summary + report"):
-            summary = stages.run_summary(out, plan, manifest, log, bf16_bytes)
-            stages.write_run_report(out, plan, stats, None, {"skipped": list(log.skipped), **summary})
+        stages.load_pipeline = load_and_keep
+        if profile is not None:
+            stages.quantize = profiled
+        try:
+            with _patched(sampler, _rows(flavours)):
+                export_command.main(args, standalone_mode=False)
+        finally:
+            stages.load_pipeline = load
+            if profile is not None:
+                stages.quantize = quantize
         export_s = time.perf_counter() - total
-        del pipe
+        # The goal is the command's: the checks below (onnxruntime folds the dequantized weights to float32)
+        # are this bench's own and get rows of their own.
+        peak = max(_status("VmHWM"), sampler.current_peak)
+        loaded_dtype, bf16_bytes = seen.pop("dtype"), seen.pop("bf16")
+        seen.clear()    # the pipeline goes with the command's frame
+        manifest = Manifest.load(out)
         graphs = sorted(out.glob("segment_*.onnx")) + [r.resolve(out) for r in codec_files(manifest.codec).values()]
         with sampler.stage(f"onnx.checker full_check ({len(graphs)} graphs)"):
             for path in graphs:
@@ -196,11 +254,11 @@ def run(blocks: int, flavours: tuple[str, ...], work: Path, dtype: str) -> bool:
             ort_row = f"{seconds:.2f} s, max |velocity| {vmax:.3g}, finite"
     finally:
         sampler.stop()
-    peak = max(_status("VmHWM"), max(r[2] for r in sampler.rows))
     limit = 1.5 * bf16_bytes + OVERHEAD_GIB * GIB
 
     print(f"\n## Full-width export, {blocks} block(s), {STEPS} steps, 1 calibration crop ({TILE_LATENT}x{TILE_LATENT} "
           f"latent), flavours {', '.join(flavours)}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(f"command: qdit4sr-export {' '.join(args)}\n")
     print(f"transformer: {bf16_bytes / 2 / 1e6:.0f} M values (parameters and buffers), "
           f"{bf16_bytes / GIB:.2f} GiB in bf16; "
           f"loaded as {str(loaded_dtype).removeprefix('torch.')}; checkpoint + VAE written in {write_s:.0f} s "
@@ -209,13 +267,15 @@ def run(blocks: int, flavours: tuple[str, ...], work: Path, dtype: str) -> bool:
     print(f"| baseline (libraries imported) | | {baseline / GIB:.2f} |")
     for name, seconds, rss in sampler.rows:
         print(f"| {name} | {seconds:.1f} | {rss / GIB:.2f} |")
-    print(f"| **export total (load to report)** | **{export_s:.1f}** | **{peak / GIB:.2f}** |")
+    print(f"| **command total (load to report; peak: VmHWM at its end)** | **{export_s:.1f}** | **{peak / GIB:.2f}** |")
     print("\n| file | size (MiB) |\n|---|---:|")
     for path in sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith(".")):
         print(f"| {path.name} | {path.stat().st_size / MIB:.1f} |")
     print(f"\nonnx.checker full_check: {len(graphs)} graphs pass; onnxruntime step: {ort_row}")
+    if profile is not None:
+        print(f"\n### quantize stage, cProfile by cumulative time\n\n```\n{_profile_top(profile, profile_quantize)}```")
     ok = peak < limit
-    print(f"peak RSS {peak / GIB:.2f} GiB vs limit 1.5 x {bf16_bytes / GIB:.2f} GiB (bf16 model) + {OVERHEAD_GIB:.1f} "
+    print(f"command peak RSS {peak / GIB:.2f} GiB vs limit 1.5 x {bf16_bytes / GIB:.2f} GiB (bf16 model) + {OVERHEAD_GIB:.1f} "
           f"GiB = {limit / GIB:.2f} GiB: {'PASS' if ok else 'FAIL'}")
     return ok
 
@@ -224,17 +284,19 @@ def run(blocks: int, flavours: tuple[str, ...], work: Path, dtype: str) -> bool:
 @click.option("--blocks", type=click.IntRange(1, 24), default=24, show_default=True,
               help="Transformer depth (full width); fewer for a quick run.")
 @click.option("--flavour", "flavours", multiple=True, default=("portable", "trt", "cpu"), show_default=True)
-@click.option("--dtype", default="bfloat16", show_default=True,
-              help="Model dtype, used when the export settings take one.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True,
+              help="--dtype of the command: the model's dtype while calibrating and quantizing.")
+@click.option("--profile-quantize", type=click.IntRange(min=0), default=0,
+              help="Print the quantize stage's top N functions by cumulative time (cProfile).")
 @click.option("--keep", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Work in this folder and keep it (default: a temporary folder, removed).")
-def main(blocks: int, flavours: tuple[str, ...], dtype: str, keep: Path | None):
+def main(blocks: int, flavours: tuple[str, ...], dtype: str, profile_quantize: int, keep: Path | None):
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
-        ok = run(blocks, flavours, keep, dtype)
+        ok = run(blocks, flavours, keep, dtype, profile_quantize)
     else:
         with tempfile.TemporaryDirectory(prefix="bench_export_full_") as tmp:
-            ok = run(blocks, flavours, Path(tmp), dtype)
+            ok = run(blocks, flavours, Path(tmp), dtype, profile_quantize)
     sys.exit(0 if ok else 1)
 
 

@@ -66,7 +66,7 @@ def _kept(layer: QuantLinear, max_code: int) -> CpuWeight | None:
     scale = layer.weight_scales[:, 0].float()
     candidate = CpuWeight(codes.to(torch.int8), scale.contiguous(), exact=True)
     # fp16 scales: the portable DQ rounds code * scale to fp16, which float32 scales do not.
-    return candidate if torch.equal(candidate.dequantize(), layer.residual_weight) else None
+    return candidate if torch.equal(candidate.dequantize(), layer.dequantized_residual()) else None
 
 
 def requantize_per_channel(w: torch.Tensor, max_code: int = MAX_CODE) -> CpuWeight:
@@ -84,7 +84,7 @@ def cpu_weight(layer: QuantLinear, max_code: int = MAX_CODE) -> CpuWeight:
     """The layer's residue as the cpu flavour stores it (exact when possible, else re-expressed)."""
     if not 1 <= max_code <= 127:
         raise ValueError(f"max_code must lie in 1..127, got {max_code}")
-    return _kept(layer, max_code) or requantize_per_channel(layer.residual_weight, max_code)
+    return _kept(layer, max_code) or requantize_per_channel(layer.dequantized_residual(), max_code)
 
 
 def code_bits(max_code: int) -> int:

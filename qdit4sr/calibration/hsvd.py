@@ -33,8 +33,10 @@ slightly better (about 2% lower error at r = 16), so the comparison is kept expl
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
+from typing import Iterator
 
 import torch
 
@@ -49,6 +51,7 @@ __all__ = [
     "use_randomized_svd",
     "global_svd",
     "block_rank1",
+    "one_thread",
     "block_rank1_weight",
     "block_rank1_apply",
     "svdg_param_count",
@@ -75,6 +78,23 @@ _RANDOMIZED_MIN_DIM = 1024
 _RANDOMIZED_MAX_RANK_FRACTION = 0.125
 _RANDOMIZED_OVERSAMPLE = 16
 _RANDOMIZED_POWER_ITERS = 4
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one CPU thread inside: for LAPACK calls on small or skinny matrices (batched eigh of the
+    blocks' Gram matrices, QR of the range finder). Threaded, the library splits each tiny problem over
+    the threads and synchronises them many times per call, which measured 2-25x slower than one thread
+    on 2 cores (far worse when the cores are shared); the big matrix products outside keep every thread."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- config
@@ -138,12 +158,22 @@ def _randomized_svd(a: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor
     q = min(rank + _RANDOMIZED_OVERSAMPLE, min(a.shape))
     gen = torch.Generator(device=a.device).manual_seed(seed)
     omega = torch.randn(a.shape[1], q, generator=gen, dtype=a.dtype, device=a.device)
-    basis = torch.linalg.qr(a @ omega).Q
+
+    def lapack():
+        return one_thread() if a.device.type == "cpu" else contextlib.nullcontext()
+
+    def orthonormal(m: torch.Tensor) -> torch.Tensor:
+        with lapack():
+            return torch.linalg.qr(m).Q
+
+    basis = orthonormal(a @ omega)
     # Re-orthonormalising after every product keeps the small singular directions from underflowing.
     for _ in range(_RANDOMIZED_POWER_ITERS):
-        basis = torch.linalg.qr(a.mT @ basis).Q
-        basis = torch.linalg.qr(a @ basis).Q
-    u_small, s, vh = torch.linalg.svd(basis.mT @ a, full_matrices=False)
+        basis = orthonormal(a.mT @ basis)
+        basis = orthonormal(a @ basis)
+    small = basis.mT @ a
+    with lapack():
+        u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
     return (basis @ u_small)[:, :rank], s[:rank], vh[:rank]
 
 
@@ -198,7 +228,9 @@ def block_rank1(r: torch.Tensor, s_o: int, s_i: int) -> tuple[torch.Tensor, torc
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(r.shape)}")
     _check_divides(*r.shape, s_o, s_i)
     blocks, wide = _tall(_blocks(r.detach().to(torch.float64), s_o, s_i))
-    _, vectors = torch.linalg.eigh(blocks.transpose(-1, -2) @ blocks)
+    gram = blocks.transpose(-1, -2) @ blocks
+    with one_thread() if gram.device.type == "cpu" else contextlib.nullcontext():
+        _, vectors = torch.linalg.eigh(gram)
     right = vectors[..., :, -1]
     left = (blocks @ right[..., None])[..., 0]
     # Recompute sigma as |B v|: exact for the vector found; a zero block gives a zero term.
@@ -265,7 +297,9 @@ def finest_block_shapes(shapes: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _top_singular_value_sq(blocks: torch.Tensor) -> torch.Tensor:
     """sigma_1^2 of every block [..., s_o, s_i], as the top eigenvalue of the smaller Gram matrix."""
     tall, _ = _tall(blocks)
-    return torch.linalg.eigvalsh(tall.transpose(-1, -2) @ tall)[..., -1]
+    gram = tall.transpose(-1, -2) @ tall
+    with one_thread() if gram.device.type == "cpu" else contextlib.nullcontext():
+        return torch.linalg.eigvalsh(gram)[..., -1]
 
 
 def choose_block_shape(

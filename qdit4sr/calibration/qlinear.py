@@ -90,6 +90,14 @@ class QuantLinear(nn.Module):
             self._dequantized = residual.dequantize()
         return self._dequantized
 
+    def dequantized_residual(self) -> torch.Tensor:
+        """`residual_weight` without caching it: the cached tensor when the forward made one, else a fresh
+        one. For one-off reads of every layer (the cpu flavour's export): caching there would keep the whole
+        model's residues in float32, twice the bf16 model, until the layers are dropped."""
+        if self._dequantized is not None:
+            return self._dequantized
+        return QuantizedWeight(self.qweight, self.weight_scales, self.weight_bits, self.group_size).dequantize()
+
     @property
     def block_shape(self) -> tuple[int, int] | None:
         if self.block_u is None:

@@ -31,6 +31,7 @@ def export_command(out: Path, seed: int, force: bool, **options):
     """Quantize a DiT4SR transformer with Q-DiT4SR and export one graph/engine per timestep segment."""
     import torch
 
+    from .. import hostmem
     from ..artifacts.manifest import ManifestError
     from ..exporter import stages
     from ..exporter.manifest_writer import transformer_hash
@@ -38,6 +39,9 @@ def export_command(out: Path, seed: int, force: bool, **options):
     from ..models.loading import CheckpointError
 
     torch.manual_seed(seed)
+    # The command owns the process: freed weights and traces go back to the OS, so peak memory follows
+    # the model, not the thousands of 1-100 MB tensors made and freed on the way (see qdit4sr.hostmem).
+    hostmem.return_large_blocks_to_os()
     log = stages.StageLog()
     try:
         settings = ExportSettings(model=MODEL_OPTIONS.build(options), quantization=QUANTIZATION_OPTIONS.build(options),
@@ -54,6 +58,7 @@ def export_command(out: Path, seed: int, force: bool, **options):
             click.echo(f"resuming the run in {out}")
         stats = stages.calibrate(pipe, settings, out, log)
         plan = stages.quantize(pipe, stats, settings, out, log)
+        hostmem.trim()   # the decompositions' float64 temporaries, before the export's own
         manifest = stages.export(pipe, plan, settings, out, model_hash, log)
         stages.build_trt_engines(settings, out, log)
         crops = stages.comparison_crops(settings, pipe, out, model_hash, log)

@@ -34,7 +34,7 @@ PLACEHOLDER_OP = "QuantLinear"
 SOFTMAX_PLACEHOLDER_OP = "QuantSoftmax"
 # The TorchScript exporter's newest opset; the rewrite lifts the graph to the requested opset (>= 21).
 BASE_OPSET = 20
-FOLD_SIZE_LIMIT = 1 << 30  # folded constants up to 1 GiB: the largest crop is the whole table
+FOLD_SIZE_LIMIT = 1 << 30  # folded constants up to 1 GiB
 
 
 _OPS = "qdit4sr_placeholder"
@@ -139,6 +139,31 @@ def placeholders(model: nn.Module, layers: dict[str, QuantLinear], softmaxes: di
             model.get_submodule(site).softmax = sm
 
 
+@contextlib.contextmanager
+def tile_pos_embed(model: nn.Module, tile_latent: int) -> Iterator[None]:
+    """Every cropping patch embedder holds only its crop for the static tile while the model is traced.
+
+    The trace would otherwise carry the whole pos_embed_max_size^2 table (906 MB in float32 at DiT4SR's
+    384 x 384 x 1536) through torch.onnx.export, the serialized proto, its parse and the constant
+    folding, several copies at once, only to slice a tile's rows from it. The crop is the module's own
+    `cropped_pos_embed` of the tile (same values), stored as a table of the tile's side so that the
+    forward crops all of it; always restored."""
+    saved = []
+    try:
+        for module in model.modules():
+            side = getattr(module, "pos_embed_max_size", None)
+            table = getattr(module, "pos_embed", None)
+            if side is None or not isinstance(table, torch.Tensor) or not hasattr(module, "cropped_pos_embed"):
+                continue
+            crop = module.cropped_pos_embed(tile_latent, tile_latent).clone()
+            saved.append((module, side, table))
+            module.pos_embed, module.pos_embed_max_size = crop, tile_latent // module.patch_size
+        yield
+    finally:
+        for module, side, table in saved:
+            module.pos_embed, module.pos_embed_max_size = table, side
+
+
 def example_inputs(config, tile_latent: int, text_tokens: int, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """Deterministic example inputs with the graph's static shapes (batch 2 so no batch-1 shortcut is traced)."""
     gen = torch.Generator().manual_seed(0)
@@ -177,7 +202,7 @@ def trace_base_graph(model: nn.Module, layers: dict[str, QuantLinear], tile_late
         # Segment 0 only feeds the eager values that tracing carries along; the graph does not depend on it.
         # Shape checks in the forward become constants of the trace: expected, the graph is static but for B.
         with placeholders(model, layers, softmaxes) as (stubs, softmax_stubs), segment_scope(0), \
-                warnings.catch_warnings():
+                tile_pos_embed(model, tile_latent), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # The legacy exporter is chosen on purpose: its Function.symbolic hook makes the placeholders.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -204,13 +229,9 @@ def trace_base_graph(model: nn.Module, layers: dict[str, QuantLinear], tile_late
 
 
 def fold_static_subgraphs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold everything that does not depend on the batch axis into constants.
-
-    The TorchScript trace computes the positional-embedding crop from the input's shape, so the graph
-    would carry the whole pos_embed_max_size^2 table (906 MB for DiT4SR) and slice it at run time;
-    with static spatial sizes the crop is a constant of the tile's size. The same pass removes most
-    shape arithmetic.
-    """
+    """Fold everything that does not depend on the batch axis into constants: with static spatial
+    sizes most of the traced shape arithmetic is constant (the positional table is already the tile's
+    crop, see `tile_pos_embed`)."""
     import onnx_graphsurgeon as gs
     import onnxruntime as ort
 

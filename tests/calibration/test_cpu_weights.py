@@ -45,6 +45,20 @@ def test_other_layers_are_reexpressed_within_half_a_step(bits, group, scale_dtyp
         assert (err / step).max() > 0.45
 
 
+@pytest.mark.parametrize("bits,group", [(4, None), (4, 64)])
+def test_reading_a_layer_for_the_cpu_layout_caches_no_float32_copy(bits, group):
+    """The export reads every layer once: a cached float32 residue per layer would hold 2x the bf16 model."""
+    layer = _layer(bits, group, torch.float16)
+    cw = cpu_weight(layer)
+    assert layer._dequantized is None
+    reference = cpu_weight(_layer(bits, group, torch.float16))
+    _ = layer.residual_weight   # the forward's cache, once made, is what both read
+    assert layer._dequantized is not None and layer.dequantized_residual() is layer._dequantized
+    for again in (cw, cpu_weight(layer)):
+        assert torch.equal(again.codes, reference.codes) and torch.equal(again.scale, reference.scale)
+        assert again.exact == reference.exact
+
+
 def test_reexpression_matches_a_float64_brute_force():
     """For each weight the chosen code is the nearest grid point (ties aside)."""
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))

@@ -17,6 +17,7 @@ from qdit4sr.calibration.hsvd import (
     feasible_block_shapes,
     finest_block_shapes,
     global_svd,
+    one_thread,
     reconstruction_report,
     svdg_param_count,
     svdl_param_count,
@@ -170,6 +171,24 @@ def test_block_rank1_equals_per_block_top_singular_triple():
             ref = bs[0] * torch.outer(bu[:, 0], bvh[0])
             got = sigma[p, q] * torch.outer(u[p, q], v[p, q])
             assert (got - ref).abs().max().item() < TOL64
+
+
+def test_one_thread_runs_torch_on_one_thread_and_always_restores():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"), one_thread():
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+        # The decomposition's LAPACK calls run inside it; the caller's setting is left as it was.
+        block_rank1(_randn(64, 96, seed=5), 16, 32)
+        global_svd(_randn(1024, 1024, seed=6), 8, randomized=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_block_rank1_rejects_non_dividing_shape():

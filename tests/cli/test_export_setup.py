@@ -54,6 +54,15 @@ def test_options_reach_the_settings(tmp_path, stop_at_load):
     assert s.device == DeviceConfig() and s.sampler == SamplerSettings() and s.calibration.size is None
 
 
+def test_the_command_hands_freed_memory_back_to_the_os(tmp_path, stop_at_load, monkeypatch):
+    from qdit4sr import hostmem
+
+    calls = []
+    monkeypatch.setattr(hostmem, "return_large_blocks_to_os", lambda: calls.append("threshold"))
+    CliRunner().invoke(export_command, ["--out", str(tmp_path / "o")])
+    assert calls == ["threshold"] and stop_at_load    # set before the model loads
+
+
 @pytest.mark.parametrize("args, message", [
     (["--device", "tpu"], "'tpu' is not cpu, cuda or cuda:N"),
     (["--device", "cuda:x"], "'cuda:x' is not cpu, cuda or cuda:N"),

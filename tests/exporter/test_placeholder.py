@@ -13,7 +13,8 @@ from qdit4sr.calibration.api import quantized_layers
 from qdit4sr.calibration.qlinear import segment_scope
 from qdit4sr.calibration.qsoftmax import attention_cores, quantized_softmaxes
 from qdit4sr.exporter.placeholder import (PLACEHOLDER_DOMAIN, PLACEHOLDER_OP, SOFTMAX_PLACEHOLDER_OP,
-                                          PlaceholderLinear, PlaceholderSoftmax, placeholders, trace_base_graph)
+                                          PlaceholderLinear, PlaceholderSoftmax, placeholders, tile_pos_embed,
+                                          trace_base_graph)
 from tests.helpers.micro import MICRO_CONFIG, micro_inputs
 from tests.helpers.micro_export import TILE, TOKENS, quantized_micro, single_thread
 
@@ -41,6 +42,24 @@ def test_placeholders_keep_the_shapes_and_always_restore_the_values(rtn):
             raise RuntimeError("boom")
         assert torch.equal(model(*args), ref)   # restored modules give the eager values again
     assert quantized_layers(model) == layers and quantized_softmaxes(model) == softmaxes
+
+
+def test_the_trace_sees_only_the_tiles_positional_crop_with_the_same_values(rtn):
+    model = rtn.model
+    embed, p = model.pos_embed, MICRO_CONFIG["patch_size"]
+    table, side = embed.pos_embed, embed.pos_embed_max_size
+    assert side * p > TILE   # else the crop would be the whole table and this test would prove nothing
+    args = micro_inputs(MICRO_CONFIG, size=TILE, tokens=TOKENS)
+    with torch.no_grad(), segment_scope(0):
+        ref = model(*args)
+        with tile_pos_embed(model, TILE):
+            assert embed.pos_embed.shape == (1, (TILE // p) ** 2, table.shape[-1])
+            assert torch.equal(model(*args), ref)   # bit-identical: the same rows, only without the rest
+        assert embed.pos_embed is table and embed.pos_embed_max_size == side
+        with pytest.raises(RuntimeError, match="boom"), tile_pos_embed(model, TILE):
+            raise RuntimeError("boom")
+        assert embed.pos_embed is table and embed.pos_embed_max_size == side
+        assert torch.equal(model(*args), ref)
 
 
 def test_trace_writes_one_placeholder_per_live_layer_and_softmax(rtn):
