@@ -13,10 +13,11 @@ shape with full SVDs, as a baseline, against the library's search over the fines
 
 The activation statistics are synthetic and set cost, not quality: 40 sampler steps (the pipeline's default)
 of per-layer second moments with random trends, and, for GPTQ, input Gram matrices of Hadamard-rotated random
-rows with log-normal channel scales (PSD, mean diagonal 1). A real calibration holds one float64 Gram per
-layer (21.8 GiB for the full model, 13.2 GiB of it the 47 MLP down projections at 6144 inputs); GPTQ's cost
+rows with log-normal channel scales (PSD, mean diagonal 1), float32 as an artifact stores them. A real
+calibration holds one float32 Gram per layer (10.9 GiB for the full model, 6.6 GiB of it the 47 MLP down
+projections at 6144 inputs; `quantize_` reads them from the artifact one layer at a time); GPTQ's cost
 does not depend on the Gram's values, so the bench builds one per input width, before the timed run, and
-shares it between all layers of that width (two matrices, 0.3 GiB), and reports what a real artifact holds.
+shares it between all layers of that width (two matrices, 0.15 GiB), and reports what a real artifact holds.
 """
 from __future__ import annotations
 
@@ -72,19 +73,20 @@ def random_model(config: dict, seed: int) -> DiT4SRTransformer2DModel:
 
 
 def random_gram(width: int, rows: int, seed: int) -> np.ndarray:
-    """X^T X / rows in float64 for `rows` Hadamard-rotated random inputs with log-normal channel scales,
-    normalised to mean diagonal 1: PSD like a calibration Gram (rank min(rows, width); GPTQ damps it)."""
+    """X^T X / rows (float64 sums, returned in float32 as an artifact stores it) for `rows` Hadamard-rotated
+    random inputs with log-normal channel scales, normalised to mean diagonal 1: PSD like a calibration Gram
+    (rank min(rows, width); GPTQ damps it)."""
     gen = torch.Generator().manual_seed(seed)
     channel = torch.exp(torch.randn(width, generator=gen))
     x = torch.randn(rows, width, generator=gen) * (channel / channel.square().mean().sqrt())
     x = apply_hadamard(x.double())
-    return (x.mT @ x / rows).numpy()
+    return (x.mT @ x / rows).float().numpy()
 
 
 class SharedGrams(Mapping):
     """layer -> synthetic input Gram [in, in], built on first use and shared by all layers of one input width.
 
-    GPTQ's cost does not depend on the values, so two matrices (0.3 GiB at full width) stand in for the 533.
+    GPTQ's cost does not depend on the values, so two matrices (0.15 GiB at full width) stand in for the 533.
     """
 
     def __init__(self, in_features: dict[str, int], rows: int = 1024, seed: int = 0):
@@ -115,8 +117,8 @@ class SharedGrams(Mapping):
         return sum(g.nbytes for g in self._by_width.values())
 
     def real_bytes(self) -> int:
-        """What one float64 Gram per layer, as a real calibration stores them, would take."""
-        return sum(8 * w * w for w in self.in_features.values())
+        """What one float32 Gram per layer, as a real calibration stores them, would take."""
+        return sum(4 * w * w for w in self.in_features.values())
 
 
 def synthetic_stats(model: torch.nn.Module, names: list[str], steps: int, gram: bool,
@@ -139,18 +141,23 @@ STAGES = {"split_weight": "decomposition", "gptq_quantize": "GPTQ", "activation_
 
 
 @contextmanager
-def stage_times(module=api, stages: dict[str, str] = STAGES):
-    """Seconds spent in each stage's functions while the block runs (wrapped in `module`, restored after)."""
+def stage_times(module=api, stages: dict[str, str] = STAGES, cpu: dict[str, float] | None = None):
+    """Seconds spent in each stage's functions while the block runs (wrapped in `module`, restored after);
+    with `cpu`, also the process CPU time per stage (the figure that holds on a shared machine)."""
     totals = dict.fromkeys(stages.values(), 0.0)
+    if cpu is not None:
+        cpu.update(dict.fromkeys(stages.values(), 0.0))
     originals = {name: getattr(module, name) for name in stages}
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 totals[stages[name]] += time.perf_counter() - t0
+                if cpu is not None:
+                    cpu[stages[name]] += time.process_time() - c0
         return wrapper
 
     for name, fn in originals.items():
@@ -227,7 +234,8 @@ def main(num_layers: int, threads: int, precision: str, method: str) -> None:
     stats = synthetic_stats(model, names, PipelineConfig.num_inference_steps, qconfig.error_compensation != "none")
     gram_s = stats.gram.build() if stats.gram is not None else 0.0
     t0, cpu0 = time.perf_counter(), time.process_time()
-    with stage_times() as stages:
+    stage_cpu: dict[str, float] = {}
+    with stage_times(cpu=stage_cpu) as stages:
         plan = quantize_(model, qconfig, stats, progress=True)
     quant_s, quant_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     peak = peak_rss_bytes()
@@ -238,13 +246,15 @@ def main(num_layers: int, threads: int, precision: str, method: str) -> None:
             ("build time", f"{build_s:.1f} s"),
             ("quantize_ time", f"{quant_s:.1f} s (CPU time of all threads: {quant_cpu_s:.1f} s)"),
             ("  of which", f"{split}, rest {quant_s - sum(stages.values()):.1f} s"),
+            ("  CPU time of which", ", ".join(f"{k} {v:.1f} s" for k, v in stage_cpu.items() if v > 0)
+             + f", rest {quant_cpu_s - sum(stage_cpu.values()):.1f} s"),
             ("peak RSS", f"{peak / 2**30:.2f} GiB"), ("peak RSS / fp32 model", f"{peak / fp32_bytes:.2f}x"),
             ("RSS after build / fp32 model", f"{rss_before / fp32_bytes:.2f}x"),
             ("mean weight bits (VaSMP)", f"{plan.mean_weight_bits():.3f}"),
             ("mean activation bits (VaTMP)", f"{plan.mean_act_bits():.3f} in {len(plan.segments)} segments")]
     if stats.gram is not None:
         rows.append(("Grams held (shared) / a real artifact's", f"{stats.gram.held_bytes() / 2**30:.2f} GiB / "
-                     f"{stats.gram.real_bytes() / 2**30:.2f} GiB (float64; built in {gram_s:.1f} s, untimed)"))
+                     f"{stats.gram.real_bytes() / 2**30:.2f} GiB (float32; built in {gram_s:.1f} s, untimed)"))
     if num_layers != 24:
         full = {**DIT4SR_CONFIG, "num_layers": 24}
         per_element = quant_s * full_model_weight_elements(full) / built_elements

@@ -447,23 +447,29 @@ def _decompose_budget_split(w_h: torch.Tensor, hsvd: HSVDConfig, quant: WeightQu
     The budget is what the paper's split spends on this layer, P_SVD-G(r) + P_SVD-L(s_o, s_i). For each
     tried global rank r' the block shape is the best (Frobenius, before quantization) that fits the rest
     of the budget; every candidate's residue is then quantized and the smallest final error wins (ties
-    go to the smaller global rank, i.e. the paper's split first).
+    go to the smaller global rank, i.e. the paper's split first). Every candidate is quantized: ranking by
+    the Frobenius error first and quantizing only the best two changed the chosen split on 8 to 19 of 142
+    real and random weights (up to 1.3% more error), for little time saved. One SVD at the largest rank the
+    budget can reach serves every candidate (its leading factors are the truncated SVDs of each rank,
+    exactly so for the full SVD; for the randomized one the paper's rank-r factors come from a larger sketch).
     """
     out, in_ = w_h.shape
     paper = replace(hsvd, method="hsvd")
-    up, down = global_svd(w_h, hsvd.rank, hsvd.randomized_svd, hsvd.seed)
-    best = _decompose_given_global(w_h, up, down, paper, quant)
+    # The block branch spends at most budget_slack * P_SVD-G(r), so no candidate rank exceeds this.
+    top = min(math.floor(hsvd.rank * (1 + hsvd.budget_slack)) + 1, min(out, in_))
+    up_all, down_all = global_svd(w_h, top, hsvd.randomized_svd, hsvd.seed)
+    best = _decompose_given_global(w_h, up_all[:, :hsvd.rank].contiguous(), down_all[:hsvd.rank].contiguous(),
+                                   paper, quant)
     budget = best.fp_param_count()
-    max_rank = min(budget // (out + in_), min(out, in_))
+    max_rank = min(budget // (out + in_), top)
     ranks = budget_split_ranks(hsvd.rank, max_rank, hsvd.split_points)
     if len(ranks) == 1:
         return replace(best, method="hsvd_split")
-    # One SVD at the largest rank; its leading factors are the truncated SVDs of every smaller rank.
-    up_all, down_all = global_svd(w_h, max_rank, hsvd.randomized_svd, hsvd.seed)
+    w64 = w_h.detach().to(torch.float64)
     best_err = _quantized_error(w_h, best)
     for r in ranks[1:]:
         up_r, down_r = up_all[:, :r].contiguous(), down_all[:r].contiguous()
-        rest = w_h.detach().to(torch.float64) - up_r.double() @ down_r.double()
+        rest = w64 - up_r.double() @ down_r.double()
         shape = choose_block_shape_within(rest, budget - svdg_param_count(out, in_, r), hsvd.block_candidates)
         sigma = u = v = None
         if shape is not None:

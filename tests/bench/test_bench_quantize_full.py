@@ -32,10 +32,11 @@ def _micro():
 
 def test_random_gram_is_psd_with_unit_mean_diagonal(bench):
     g = bench.random_gram(96, rows=64, seed=3)
-    assert g.shape == (96, 96) and g.dtype == np.float64
+    assert g.shape == (96, 96) and g.dtype == np.float32
     np.testing.assert_allclose(g, g.T, atol=1e-12)
-    eig = np.linalg.eigvalsh(g)
-    assert eig.min() > -1e-10 * eig.max()
+    eig = np.linalg.eigvalsh(g.astype(np.float64))
+    # PSD up to the float32 rounding of a rank-deficient matrix (64 rows for 96 inputs).
+    assert eig.min() > -1e-6 * eig.max()
     assert np.isclose(np.diag(g).mean(), 1.0, rtol=0.05)   # rotation keeps the trace; scales normalised to 1
     np.testing.assert_array_equal(g, bench.random_gram(96, rows=64, seed=3))
 
@@ -43,9 +44,9 @@ def test_random_gram_is_psd_with_unit_mean_diagonal(bench):
 def test_shared_grams_one_matrix_per_width(bench):
     grams = bench.SharedGrams({"a": 64, "b": 64, "c": 128}, rows=32)
     assert sorted(grams) == ["a", "b", "c"] and len(grams) == 3
-    assert grams.held_bytes() == 0 and grams.build() >= 0 and grams.held_bytes() == 8 * (64 * 64 + 128 * 128)
+    assert grams.held_bytes() == 0 and grams.build() >= 0 and grams.held_bytes() == 4 * (64 * 64 + 128 * 128)
     assert grams["a"] is grams["b"] and grams["c"].shape == (128, 128)
-    assert grams.real_bytes() == 8 * (64 * 64 * 2 + 128 * 128)
+    assert grams.real_bytes() == 4 * (64 * 64 * 2 + 128 * 128)
     with pytest.raises(KeyError):
         grams["missing"]
 

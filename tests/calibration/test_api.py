@@ -119,3 +119,21 @@ def test_gptq_without_gram_is_refused(calibrated):
     with pytest.raises(ValueError, match="Gram"):
         quantize_(fresh_model(calibrated), QDiT4SRConfig.preset("hsvd_split_gptq", "w4a4"), replace(stats, gram=None),
                   progress=False)
+
+
+def test_gptq_from_saved_statistics_equals_in_memory(calibrated, tmp_path):
+    """The artifact's float32 Grams, read one layer at a time, give the codes the in-memory statistics give."""
+    from qdit4sr.calibration.stats import ActivationStats, LazyGrams
+
+    _, _, stats = calibrated
+    stats.save(tmp_path)
+    loaded = ActivationStats.load(tmp_path)
+    assert isinstance(loaded.gram, LazyGrams)
+    config = QDiT4SRConfig.preset("qdit4sr_plus", "w4a4", rank=4, num_segments=2)
+    a, b = fresh_model(calibrated), fresh_model(calibrated)
+    quantize_(a, config, stats, progress=False)
+    quantize_(b, config, loaded, progress=False)
+    ours, theirs = quantized_layers(a), quantized_layers(b)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name].qweight, theirs[name].qweight), name

@@ -67,3 +67,33 @@ def test_batched_calibration_pools_the_same_statistics(micro_model):
     # Different noise draws per batch, so only the magnitudes agree; both are finite and positive.
     assert np.all(many.second_moment > 0) and np.isfinite(many.second_moment).all()
     assert np.allclose(np.log(one.second_moment), np.log(many.second_moment), atol=1.0)
+
+
+def test_grams_are_stored_in_float32_and_read_lazily(tmp_path):
+    import os
+
+    from qdit4sr.calibration.stats import LazyGrams
+
+    rng = np.random.default_rng(0)
+    grams = {"a": rng.normal(size=(8, 8)), "b": rng.normal(size=(16, 16))}
+    stats = ActivationStats(["a", "b"], [1000.0], np.ones((2, 1)), np.ones((2, 1)), CalibrationConfig(gram=True),
+                            gram=grams)
+    stats.save(tmp_path)
+    again = ActivationStats.load(tmp_path)
+    assert isinstance(again.gram, LazyGrams) and sorted(again.gram) == ["a", "b"] and "a" in again.gram
+    for name, g in grams.items():
+        got = again.gram[name]
+        assert got.dtype == np.float32 and np.array_equal(got, g.astype(np.float32))
+        assert got is not again.gram[name]   # read on each access, nothing kept alive
+    with pytest.raises(KeyError):
+        again.gram["c"]
+    # Saving a loaded artifact again (the Grams stream from the old file) keeps them.
+    again.save(tmp_path / "copy")
+    assert np.array_equal(ActivationStats.load(tmp_path / "copy").gram["b"], grams["b"].astype(np.float32))
+    # A replaced file is refused rather than mixed with the statistics loaded before it.
+    stats.save(tmp_path)
+    with pytest.raises(RuntimeError, match="changed"):
+        again.gram["a"]
+    os.remove(tmp_path / "activation_stats.safetensors")
+    with pytest.raises(FileNotFoundError):
+        again.gram["a"]
