@@ -1,15 +1,16 @@
 """The shipped default model, exported at W4A4 as `qdit4sr-export` does: what the exported run agrees with.
 
-Measured (chelsea, the exporter's comparison crop, 32 px LR -> 128 px; the other five held-out photos and
-seed 1 within +-0.6 dB): the portable run and the torch quantized pipeline differ on ~83% of the pixels, by
-at most ~13 grey levels, 40.0-40.7 dB PSNR between them, while each is 34.1 dB from the FP output. That
-is not a mismatch of the graphs: fed the same input, every quantized layer and softmax of the graph gives
-the torch module's output to float32 rounding (the first test). It is the model's own sensitivity to
-float32 rounding at 4-bit activations: a value within float32 error of a rounding boundary (x/s at
-k + 1/2) takes the neighbouring code in one of the two, that activation moves by a whole step, and the
-later layers and sampler steps multiply such flips (one flip in the first block's attention, ~5% of the
-codes of the last block's FFN after one forward pass). The torch pipeline differs from itself as much when
-only its step-0 latent is moved by one float32 ulp (40.2-41.0 dB; the second test measures it).
+Measured (`python bench/bench_export_vs_torch.py`; chelsea, the exporter's comparison crop, 32 px LR ->
+128 px, and clock, seed 0; 2-step sampler): the portable run and the torch quantized pipeline differ on
+~20% of the pixels, by at most 4 grey levels, 53.7-54.7 dB PSNR between them, while each is 39.5 dB from
+the FP output. That is not a mismatch of the graphs: fed the same input, every quantized layer and
+softmax of the graph gives the torch module's output to float32 rounding (the first test). It is the
+model's own sensitivity to float32 rounding at 4-bit activations: a value within float32 error of a
+rounding boundary (x/s at k + 1/2) takes the neighbouring code in one of the two, that activation moves
+by a whole step, and the later layers and sampler steps carry such flips on. The torch pipeline moves
+the same way when only its step-0 latent is moved by one float32 ulp (56.5-57.4 dB; the second test
+measures it). With the previous 4-step default both figures saturated near 40 dB.
+"""
 """
 from __future__ import annotations
 
@@ -44,10 +45,13 @@ pytestmark = pytest.mark.slow   # ~30 s: a real export of the shipped model and 
 FAR_RTOL = 1e-4
 MAX_FAR_FRACTION = 5e-3
 MEDIAN_RTOL = 1e-6
-# Whole run vs torch: no more than the torch pipeline's own spread under a 1-ulp perturbation of its
-# step-0 latent (measured within -0.65..+0.1 dB of it on 6 photos x 2 seeds), and a floor 3 dB under the
-# lowest figure measured on the shipped model (40.05 dB) in case both drift together.
-SPREAD_MARGIN_DB = 1.5
+# Whole run vs torch: about the torch pipeline's own spread under a 1-ulp perturbation of its step-0
+# latent. The export reorders float32 sums in every layer call of every step, the nudge perturbs only the
+# step-0 input, so with a 2-step sampler (where flips do not saturate) the export sits further off:
+# measured 3.7 and 1.8 dB under the nudge on chelsea and clock (the 4-step default before: -0.65..+0.1 dB
+# on 6 photos x 2 seeds). A floor of 37 dB in case both drift together (measured 53.7 dB); a real
+# mismatch is caught by the per-layer test, which this margin does not weaken.
+SPREAD_MARGIN_DB = 5.0
 MIN_PSNR_DB = 37.0
 PROBE_TILES = 8   # of the 36 tiles of each step's call: the per-layer check runs on these
 
