@@ -11,7 +11,6 @@ by a whole step, and the later layers and sampler steps carry such flips on. The
 the same way when only its step-0 latent is moved by one float32 ulp (56.5-57.4 dB; the second test
 measures it). With the previous 4-step default both figures saturated near 40 dB.
 """
-"""
 from __future__ import annotations
 
 import numpy as np
@@ -168,7 +167,7 @@ def test_each_quantized_layer_and_softmax_of_the_graphs_computes_the_torch_modul
         for site, (far, median) in _layer_disagreement(pipe, folder, step, inputs[step]).items():
             assert far <= MAX_FAR_FRACTION and median <= MEDIAN_RTOL, (step, site, far, median)
             checked += 1
-    assert checked > 4 * 50
+    assert len(inputs) >= 2 and checked > len(inputs) * 50   # every step, most of the 91 sites
 
 
 def test_exported_run_is_as_close_to_torch_as_torch_is_to_itself(exported, crop, torch_run):

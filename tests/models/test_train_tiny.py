@@ -1,20 +1,26 @@
 """The tiny model's training recipe: sigma grid, crops with context, and a two-step run end to end."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from qdit4sr.models.pipeline import DiT4SRPipeline
+from qdit4sr.models.pipeline import DEFAULT_MODEL_DIR, DiT4SRPipeline, PipelineConfig
 from qdit4sr.models.train_tiny import PhotoCrops, TrainConfig, lr_condition, pipeline_config, sample_sigmas, \
     sampler_sigmas, train
 
 
 def test_sampler_sigmas_are_the_pipelines():
+    """The training grid is the sigmas a pipeline with those settings evaluates; the shipped sampler is the
+    one pipeline_config writes (chosen after training, separate from the grid)."""
     config = TrainConfig()
     pipe = DiT4SRPipeline.__new__(DiT4SRPipeline)
-    pipe.config = pipeline_config(config)
+    pipe.config = replace(pipeline_config(config), num_inference_steps=config.sampler_steps, shift=config.shift)
     expected = [t / 1000.0 for t in pipe.sampler_timesteps()]
     np.testing.assert_allclose(sampler_sigmas(config.sampler_steps, config.shift).numpy(), expected, rtol=1e-6)
+    shipped = pipeline_config(config)
+    assert (shipped.num_inference_steps, shipped.shift) == (config.shipped_steps, config.shipped_shift)
+    assert PipelineConfig.from_json(DEFAULT_MODEL_DIR / "pipeline.json") == shipped
 
 
 def test_training_sigmas_hit_the_grid_and_stay_in_range():

@@ -91,9 +91,9 @@ def _derived(folder: Path, out: Path, **changes) -> Path:
 # ----------------------------------------------------------------------------- equality with Python
 
 @pytest.mark.parametrize("name, crop, tiles", [("one-tile", (slice(100, 108), slice(200, 208)), 1),
-                                               ("multi-tile", (slice(60, 70), slice(150, 162)), 4)])
+                                               ("multi-tile", (slice(60, 70), slice(150, 162)), 6)])
 def test_same_png_as_the_python_runtime(cpp_tools, tiny_export, photo, tmp_path, name, crop, tiles):
-    """8x8 LR -> one 16x16 latent tile; 10x12 LR -> a 20x24 latent in 2x2 overlapping tiles."""
+    """8x8 LR -> one 16x16 latent tile; 10x12 LR -> a 20x24 latent in 2x3 overlapping tiles (overlap 10)."""
     lr = photo[crop]
     manifest = json.loads((tiny_export / "manifest.json").read_text())
     latent = [2 * s for s in lr.shape[:2]]   # x4, then the pixel-unshuffle codec halves it
@@ -178,7 +178,8 @@ def _segment_entry_removed(folder: Path) -> str:
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["segments"] = manifest["segments"][:-1]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    return "segments cover steps 0..2 but the sampler runs 4 steps"
+    last = max(segment["steps"][1] for segment in manifest["segments"])   # the covered [0, last) range
+    return f"segments cover steps 0..{last} but the sampler runs {manifest['sampler']['num_inference_steps']} steps"
 
 
 def _invalid_json(folder: Path) -> str:
